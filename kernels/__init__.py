@@ -1,0 +1,5 @@
+"""Triton kernels, installed as ``haltkit.kernels``: one module per op, same signatures as the reference."""
+
+from .decode_step import decode_step
+
+__all__ = ["decode_step"]

@@ -1,0 +1,93 @@
+"""Which backends exist here, and why the missing ones are missing.
+
+A backend is a module exposing the op functions with the reference's signatures (for example
+``decode_step(logits, hidden, requests, state, head) -> StepOutput``). Nothing here imports a
+backend until it is first asked for, so ``import haltkit`` stays cheap and never needs a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+__all__ = ["backends", "resolve_backend", "backend_module", "BACKENDS"]
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+
+
+@functools.cache
+def _probe(name: str) -> tuple[ModuleType | None, str]:
+    """(module, '') when ``name`` works here, else (None, reason)."""
+    if name == "torch":
+        return importlib.import_module("haltkit.reference"), ""
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return None, f"triton is not installed ({e})"
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        if not torch.cuda.is_available() and not interp:
+            return None, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+        return importlib.import_module("haltkit.kernels"), ""
+    if name == "cuda":
+        try:
+            mod = importlib.import_module("haltkit._C")
+        except ImportError as e:
+            return None, f"the CUDA extension haltkit._C is not built ({e})"
+        if not torch.cuda.is_available():
+            return None, "haltkit._C is built but no CUDA device is visible"
+        return importlib.import_module("haltkit.native").cuda_backend(mod), ""
+    if name == "cpu":
+        try:
+            mod = importlib.import_module("haltkit._cpu")
+        except ImportError as e:
+            return None, f"the native CPU extension haltkit._cpu is not built ({e})"
+        return importlib.import_module("haltkit.native").cpu_backend(mod), ""
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+
+
+def backends() -> dict[str, str]:
+    """Every backend with ``"available"`` or the reason it is not.
+
+    Example:
+        >>> haltkit.backends()["torch"]
+        'available'
+    """
+    return {name: _probe(name)[1] or "available" for name in BACKENDS}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) on ``device``.
+
+    "auto" picks, on a CUDA device, cuda then triton then torch; on the CPU, the native cpu
+    backend then torch (Triton's interpreter is a test tool, never chosen by "auto").
+
+    Raises:
+        ValueError: unknown name, or a backend that cannot run on ``device``.
+        RuntimeError: a backend that is not available here, with the reason.
+    """
+    if backend == "auto":
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        return next(name for name in order if _probe(name)[0] is not None)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+    mod, why = _probe(backend)
+    if mod is None:
+        raise RuntimeError(f"backend {backend!r} is not available: {why}")
+    return backend
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (must be available)."""
+    mod, why = _probe(name)
+    if mod is None:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    return mod

@@ -1,0 +1,5 @@
+"""Pure-PyTorch reference implementations: the executable specification of every op."""
+
+from .decode_step import decode_step
+
+__all__ = ["decode_step"]

@@ -1,0 +1,19 @@
+"""haltkit packaging: the Python package lives in python/haltkit, the Triton kernels in kernels/."""
+
+from setuptools import setup
+
+setup(
+    name="haltkit",
+    version="0.1.0",
+    description="Fused decode-step kernels and a marginal-value head for early-exit LLM decoding",
+    python_requires=">=3.10",
+    package_dir={"haltkit": "python/haltkit", "haltkit.kernels": "kernels"},
+    packages=["haltkit", "haltkit.reference", "haltkit.kernels"],
+    # torch is a floor only, so a GPU user keeps the build they already have.
+    install_requires=["torch>=2.4", "numpy", "safetensors"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=8", "pytest-xdist", "hypothesis", "triton>=3.0", "numpy", "scipy"],
+    },
+    entry_points={"console_scripts": ["haltkit=haltkit.cli:main"]},
+)
