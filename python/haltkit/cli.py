@@ -76,6 +76,15 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_toy(args: argparse.Namespace) -> int:
+    from .train.toy import train_toy
+
+    torch.set_num_threads(args.threads)
+    summary = train_toy(args.out, tuple(args.which), args.steps, args.seed, args.log)
+    print(summary)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``haltkit`` command."""
     parser = argparse.ArgumentParser(prog="haltkit", description=__doc__)
@@ -87,6 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     be = sub.add_parser("backends", help="which backends are available here, and why not")
     be.set_defaults(func=_backends)
+    toy = sub.add_parser("train-toy", help="train the toy reasoning target and draft models on CPU")
+    toy.add_argument("--out", required=True, help="output directory (gets target/ and draft/)")
+    toy.add_argument("--which", nargs="+", default=["target", "draft"], choices=["target", "draft"])
+    toy.add_argument("--steps", type=int, default=None, help="optimisation steps per model")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--threads", type=int, default=2)
+    toy.add_argument("--log", default=None, help="JSON-lines progress file (default stdout)")
+    toy.set_defaults(func=_train_toy)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,196 @@
+"""Train the toy reasoning models (``haltkit train-toy``): a ~1M-parameter Llama target and a
+smaller draft, from scratch on CPU, on the built-in chain-sum traces.
+
+Every example is a reasoning trace (prompt, think phase, ``</think>``, answer); a fraction
+``forced_frac`` are forced-exit examples whose think phase is cut at a random character and
+answered with what the partial work supports, so that a forced ``</think>`` mid-trace yields
+the model's current best answer. Batches are grouped by length; the loss covers everything
+after the prompt. The run is a function of its seed (same thread count, same machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator, TextIO
+
+import torch
+
+from ..tasks import DIFFICULTIES, ChainSum, forced_exit_text, prompt_text, trace_text
+from ..tokenizer import CharTokenizer
+
+__all__ = ["ModelSpec", "TrainConfig", "MODEL_SPECS", "build_model", "train_lm", "sample_example"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a Llama-config toy model."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int = 512
+
+
+#: The shipped shapes: a ~1.07M-parameter target and a ~0.2M-parameter draft.
+MODEL_SPECS = {
+    "target": ModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4),
+    "draft": ModelSpec(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one LM run (defaults are the shipped run's)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.05
+    forced_frac: float = 0.15
+    difficulties: tuple[int, ...] = tuple(DIFFICULTIES)
+    group: int = 16  # batches drawn at once and grouped by length
+    seed: int = 0
+
+
+def build_model(spec: ModelSpec, vocab_size: int, seed: int):
+    """A freshly initialised ``LlamaForCausalLM`` of ``spec`` (deterministic in ``seed``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = CharTokenizer()
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        num_key_value_heads=spec.num_attention_heads,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_id,
+        eos_token_id=tok.eos_id,
+        bos_token_id=None,
+        **asdict(spec),
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def sample_example(task: ChainSum, tok: CharTokenizer, rng: random.Random, cfg: TrainConfig) -> tuple[list[int], int]:
+    """One training example from the training split: (token ids, number of prompt tokens)."""
+    problem = task.sample(rng, rng.choice(cfg.difficulties), held_out=False)
+    trace = task.trace(problem, rng)
+    if rng.random() < cfg.forced_frac:
+        text = forced_exit_text(problem, trace, rng.randint(0, len(trace.think)))
+    else:
+        text = trace_text(problem, trace)
+    return tok.encode(text), len(tok.encode(prompt_text(problem)))
+
+
+def _batches(tok: CharTokenizer, cfg: TrainConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Length-grouped (input_ids, labels) batches; labels are -100 on the prompt and padding."""
+    rng = random.Random(cfg.seed)
+    task = ChainSum()
+    while True:
+        pool = [sample_example(task, tok, rng, cfg) for _ in range(cfg.batch_size * cfg.group)]
+        pool.sort(key=lambda e: len(e[0]))
+        chunks = [pool[i : i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
+            labels = torch.full_like(ids, -100)
+            for i, (seq, n_prompt) in enumerate(chunk):
+                ids[i, : len(seq)] = torch.tensor(seq)
+                labels[i, n_prompt : len(seq)] = ids[i, n_prompt : len(seq)]
+            yield ids, labels
+
+
+def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int = 25) -> dict:
+    """Train ``model`` in place on chain-sum traces; returns a summary (final loss, tokens, seconds).
+
+    Args:
+        model: a ``LlamaForCausalLM`` from :func:`build_model`.
+        cfg: the optimisation settings.
+        log: where to write one JSON line of progress every ``log_every`` steps, or None.
+    """
+    tok = CharTokenizer()
+    torch.manual_seed(cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    model.train()
+    start, tokens, ema = time.time(), 0, None
+    for step, (ids, labels) in zip(range(cfg.steps), _batches(tok, cfg)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_id).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int((ids != tok.pad_id).sum())
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
+            el = time.time() - start
+            log.write(json.dumps({"step": step, "loss": round(ema, 4), "lr": lr_at(step),
+                                  "tokens": tokens, "seconds": round(el, 1), "tok_per_s": round(tokens / el)}) + "\n")
+            log.flush()
+    model.eval()
+    return {"steps": cfg.steps, "final_loss_ema": ema, "tokens": tokens, "seconds": time.time() - start}
+
+
+def save_model(model, directory: str | os.PathLike) -> None:
+    """Write the model (safetensors) and the tokenizer into ``directory``."""
+    model.save_pretrained(os.fspath(directory))
+    CharTokenizer().save(directory)
+
+
+def train_toy(
+    out_dir: str | os.PathLike,
+    which: tuple[str, ...] = ("target", "draft"),
+    steps: int | None = None,
+    seed: int = 0,
+    log_path: str | os.PathLike | None = None,
+) -> dict:
+    """Train the toy models named in ``which`` and save each to ``out_dir/<name>/``.
+
+    Args:
+        out_dir: output directory; ``<name>/`` gets the weights, config and tokenizer.
+        which: any of "target", "draft".
+        steps: optimisation steps per model (default: :class:`TrainConfig`'s).
+        seed: the seed of weights and data (the draft uses ``seed + 1`` for its weights only,
+            so both see the same data stream).
+        log_path: a file for JSON-lines progress, or None for stdout.
+    Returns:
+        {name: training summary}.
+    """
+    tok = CharTokenizer()
+    summary = {}
+    log = open(log_path, "a") if log_path else None
+    try:
+        for name in which:
+            if name not in MODEL_SPECS:
+                raise ValueError(f"unknown toy model {name!r}; expected one of {sorted(MODEL_SPECS)}")
+            model = build_model(MODEL_SPECS[name], tok.vocab_size, seed + (name == "draft"))
+            cfg = TrainConfig(seed=seed, **({} if steps is None else {"steps": steps}))
+            out = log or __import__("sys").stdout
+            out.write(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters()),
+                                  "config": asdict(cfg)}) + "\n")
+            summary[name] = train_lm(model, cfg, out)
+            save_model(model, os.path.join(os.fspath(out_dir), name))
+    finally:
+        if log is not None:
+            log.close()
+    return summary
