@@ -1,8 +1,9 @@
 """haltkit: fused decode-step kernels and a marginal-value head for early-exit decoding."""
 
 from .backends import backends
-from .ops import decode_step
+from .ops import decode_step, sampling_probs, verify_step, verify_step_flat
 from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
+from .speculative import VerifyOutput
 from .state import DecodeState, Reason, StepOutput
 from .value_head import HeadWeights, MarginalValueHead
 
@@ -17,7 +18,11 @@ __all__ = [
     "RequestBatch",
     "SamplingParams",
     "StepOutput",
+    "VerifyOutput",
     "backends",
     "decode_step",
     "pack_requests",
+    "sampling_probs",
+    "verify_step",
+    "verify_step_flat",
 ]

@@ -11,7 +11,7 @@ from .params import RequestBatch
 from .state import DecodeState, StepOutput
 from .value_head import HeadWeights, MarginalValueHead
 
-__all__ = ["decode_step"]
+__all__ = ["decode_step", "verify_step", "verify_step_flat", "sampling_probs"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_FIELDS = ("num_generated", "think_tokens", "below_count", "phase", "forced_pos", "think_end", "finish_reason")
@@ -166,3 +166,7 @@ def decode_step(
         *(w if w is not None else (None, None, None, None)), name,
     )
     return StepOutput(*out)
+
+
+# haltkit::verify_step lives beside this module and reuses its checks, so it is imported last.
+from .speculative import sampling_probs, verify_step, verify_step_flat  # noqa: E402

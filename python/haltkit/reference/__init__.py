@@ -1,5 +1,6 @@
 """Pure-PyTorch reference implementations: the executable specification of every op."""
 
 from .decode_step import decode_step
+from .verify_step import verify_step
 
-__all__ = ["decode_step"]
+__all__ = ["decode_step", "verify_step"]
