@@ -1,6 +1,7 @@
 """haltkit: fused decode-step kernels and a marginal-value head for early-exit decoding."""
 
 from .backends import backends
+from .models import ToyModels, load_toy
 from .ops import decode_step, sampling_probs, verify_step, verify_step_flat
 from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from .speculative import VerifyOutput
@@ -18,9 +19,11 @@ __all__ = [
     "RequestBatch",
     "SamplingParams",
     "StepOutput",
+    "ToyModels",
     "VerifyOutput",
     "backends",
     "decode_step",
+    "load_toy",
     "pack_requests",
     "sampling_probs",
     "verify_step",

@@ -85,6 +85,24 @@ def _train_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_head(args: argparse.Namespace) -> int:
+    from .tasks import ChainSum, JsonlTask
+    from .train.head import HeadTrainConfig, run_train_head
+
+    torch.set_num_threads(args.threads)
+    task = JsonlTask(args.jsonl, args.verifier) if args.jsonl else ChainSum()
+    if args.model is None:
+        from .models import toy_dir
+
+        args.model = str(toy_dir() / "target")
+    cfg = HeadTrainConfig(hidden=args.hidden, seed=args.seed)
+    metrics = run_train_head(args.model, args.out, task, args.prompts, args.every, args.max_think, cfg, sys.stdout)
+    val = metrics["val"]
+    print(f"val mse {val['mse']:.3g} (target variance {val['target_var']:.3g}), "
+          f"AUROC(stop loses nothing) {val['auroc_stop_loses_nothing']:.3f}, best epoch {metrics['best_epoch']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``haltkit`` command."""
     parser = argparse.ArgumentParser(prog="haltkit", description=__doc__)
@@ -104,6 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     toy.add_argument("--threads", type=int, default=2)
     toy.add_argument("--log", default=None, help="JSON-lines progress file (default stdout)")
     toy.set_defaults(func=_train_toy)
+    th = sub.add_parser("train-head", help="roll out a model with forced answers and fit the value head")
+    th.add_argument("--out", required=True, help="output directory (rollouts/, head.safetensors, head_metrics.json)")
+    th.add_argument("--model", default=None, help="a Hugging Face model directory (default: the shipped toy target)")
+    th.add_argument("--jsonl", default=None, help="a JSONL of prompt/answer pairs instead of the built-in chain sums")
+    th.add_argument("--verifier", default="numeric", choices=["numeric", "exact"])
+    th.add_argument("--prompts", type=int, default=1000)
+    th.add_argument("--every", type=int, default=2, help="checkpoint spacing s in think tokens")
+    th.add_argument("--max-think", type=int, default=320, help="thinking budget of the rollouts")
+    th.add_argument("--hidden", type=int, default=32, help="head MLP width (0 = linear)")
+    th.add_argument("--seed", type=int, default=0)
+    th.add_argument("--threads", type=int, default=2)
+    th.set_defaults(func=_train_head)
     args = parser.parse_args(argv)
     return args.func(args)
 

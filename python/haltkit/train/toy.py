@@ -23,7 +23,10 @@ import torch
 from ..tasks import DIFFICULTIES, ChainSum, forced_exit_text, prompt_text, trace_text
 from ..tokenizer import CharTokenizer
 
-__all__ = ["ModelSpec", "TrainConfig", "MODEL_SPECS", "build_model", "train_lm", "sample_example"]
+__all__ = [
+    "ModelSpec", "TrainConfig", "MODEL_SPECS", "DEFAULT_STEPS", "build_model", "train_lm", "sample_example",
+    "save_model", "train_toy", "evaluate", "fixed_check",
+]
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class ModelSpec:
     max_position_embeddings: int = 512
 
 
-#: The shipped shapes: a ~1.07M-parameter target and a ~0.2M-parameter draft.
+#: Optimisation steps of the shipped runs (batch 64): the target's fit the CPU budget.
+DEFAULT_STEPS = {"target": 450, "draft": 1000}
+#: The shipped shapes: a ~1.08M-parameter target and a ~0.2M-parameter draft.
 MODEL_SPECS = {
     "target": ModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4),
     "draft": ModelSpec(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
@@ -107,13 +112,16 @@ def _batches(tok: CharTokenizer, cfg: TrainConfig) -> Iterator[tuple[torch.Tenso
             yield ids, labels
 
 
-def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int = 25) -> dict:
+def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int = 25,
+             save_dir: str | os.PathLike | None = None, save_every: int = 100) -> dict:
     """Train ``model`` in place on chain-sum traces; returns a summary (final loss, tokens, seconds).
 
     Args:
         model: a ``LlamaForCausalLM`` from :func:`build_model`.
         cfg: the optimisation settings.
         log: where to write one JSON line of progress every ``log_every`` steps, or None.
+        save_dir: where to save the model every ``save_every`` steps (a run cut short still
+            leaves its latest weights), or None.
     """
     tok = CharTokenizer()
     torch.manual_seed(cfg.seed)
@@ -147,6 +155,8 @@ def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int 
             log.write(json.dumps({"step": step, "loss": round(ema, 4), "lr": lr_at(step),
                                   "tokens": tokens, "seconds": round(el, 1), "tok_per_s": round(tokens / el)}) + "\n")
             log.flush()
+        if save_dir is not None and step % save_every == save_every - 1:
+            save_model(model, save_dir)
     model.eval()
     return {"steps": cfg.steps, "final_loss_ema": ema, "tokens": tokens, "seconds": time.time() - start}
 
@@ -184,13 +194,55 @@ def train_toy(
             if name not in MODEL_SPECS:
                 raise ValueError(f"unknown toy model {name!r}; expected one of {sorted(MODEL_SPECS)}")
             model = build_model(MODEL_SPECS[name], tok.vocab_size, seed + (name == "draft"))
-            cfg = TrainConfig(seed=seed, **({} if steps is None else {"steps": steps}))
+            cfg = TrainConfig(seed=seed, steps=DEFAULT_STEPS[name] if steps is None else steps)
             out = log or __import__("sys").stdout
             out.write(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters()),
                                   "config": asdict(cfg)}) + "\n")
-            summary[name] = train_lm(model, cfg, out)
+            summary[name] = train_lm(model, cfg, out, save_dir=os.path.join(os.fspath(out_dir), name))
             save_model(model, os.path.join(os.fspath(out_dir), name))
     finally:
         if log is not None:
             log.close()
     return summary
+
+
+def evaluate(model, problems: list, max_think: int = 320, batch_size: int = 64) -> dict:
+    """Greedy accuracy and think length of ``model`` on ``problems``, overall and per difficulty.
+
+    Returns:
+        {"accuracy", "think_tokens" (mean), "closed" (fraction that closed thinking themselves),
+        "per_difficulty": {level: {"n", "accuracy", "think_tokens"}}, "think": [T per problem],
+        "correct": [0/1 per problem]}.
+    """
+    from ..state import Reason
+    from .rollouts import think_greedy
+
+    tok, task = CharTokenizer(), ChainSum()
+    think, correct, closed = [], [], []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        for p, (ids, end, answer, _) in zip(chunk, think_greedy(model, tok, chunk, max_think)):
+            think.append(len(ids))
+            correct.append(int(task.verify(p, answer)))
+            closed.append(end == Reason.MODEL)
+    per = {}
+    for level in sorted({p.difficulty for p in problems}):
+        idx = [i for i, p in enumerate(problems) if p.difficulty == level]
+        per[level] = {"n": len(idx), "accuracy": sum(correct[i] for i in idx) / len(idx),
+                      "think_tokens": sum(think[i] for i in idx) / len(idx)}
+    return {"accuracy": sum(correct) / len(correct), "think_tokens": sum(think) / len(think),
+            "closed": sum(closed) / len(closed), "per_difficulty": per, "think": think, "correct": correct}
+
+
+#: The fixed-seed check recorded with the shipped weights (tests/test_train.py reproduces it).
+CHECK_SEED, CHECK_PROBLEMS = 1234, 20
+
+
+def fixed_check(model) -> dict:
+    """Accuracy and think lengths on a fixed set of held-out problems (one batch, greedy)."""
+    from .head import sample_problems
+
+    problems = sample_problems(ChainSum(), CHECK_PROBLEMS, CHECK_SEED, held_out=True)
+    res = evaluate(model, problems, batch_size=CHECK_PROBLEMS)
+    return {"seed": CHECK_SEED, "problems": CHECK_PROBLEMS, "accuracy": res["accuracy"],
+            "think": res["think"], "correct": res["correct"]}
