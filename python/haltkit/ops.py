@@ -45,8 +45,10 @@ def validate_step_inputs(
     head: HeadWeights | None,
 ) -> None:
     """Shapes, dtypes and devices of one step's inputs, checked once; raises ValueError/TypeError."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a [B, V] tensor, got {getattr(logits, 'shape', type(logits))}")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be a [B, V] tensor, got shape {list(logits.shape)}")
     B, V = logits.shape
     dev = logits.device
     _check_tensor("logits", logits, (B, V), FLOAT_DTYPES, dev)
@@ -56,6 +58,9 @@ def validate_step_inputs(
         raise TypeError(f"requests must be a RequestBatch (see haltkit.pack_requests), got {type(requests).__name__}")
     if not isinstance(state, DecodeState):
         raise TypeError(f"state must be a DecodeState, got {type(state).__name__}")
+    for name, rows in (("requests", requests.temperature), ("state", state.num_generated)):
+        if isinstance(rows, torch.Tensor) and rows.dim() == 1 and rows.shape[0] != B:
+            raise ValueError(f"{name} has {rows.shape[0]} rows but the logits have {B} (one row per sequence)")
     for name, t in vars(requests).items():
         dt = {"temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32,
               "cost_of_time": torch.float32, "seed": torch.int64}.get(name, torch.int32)
@@ -70,6 +75,9 @@ def validate_step_inputs(
     d = head.d_model
     if hidden is None:
         raise ValueError(f"head needs the hidden states: pass hidden of shape [{B}, {d}]")
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.shape[1] != d:
+        raise ValueError(f"hidden has {hidden.shape[1]} features but the head reads d_model = {d}: "
+                         f"expected hidden of shape [{B}, {d}], got {list(hidden.shape)}")
     _check_tensor("hidden", hidden, (B, d), FLOAT_DTYPES, dev)
     wdt = head.w1.dtype
     R = head.w1.shape[0]

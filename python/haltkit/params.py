@@ -24,6 +24,9 @@ __all__ = ["SamplingParams", "ExitPolicy", "RequestBatch", "pack_requests", "SEE
 SEED_MAX = 2**63 - 1
 # Counts and token ids are int32 on the device.
 _I32 = 2**31 - 1
+# Smallest normal and largest finite float32 (kernels may flush subnormals to zero).
+_F32_MIN_POSITIVE = 2.0**-126
+_F32_MAX = 3.4028234663852886e38
 
 
 def _is_int(x: object) -> bool:
@@ -34,7 +37,7 @@ def _check_int(field: str, value: object, lo: int, hi: int | None = None) -> Non
     if not _is_int(value):
         raise ValueError(f"{field} must be an int, got {value!r} ({type(value).__name__})")
     if value < lo or (hi is not None and value > hi):
-        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{field} must be {bound}, got {value!r}")
 
 
@@ -85,6 +88,13 @@ class SamplingParams:
         t = _check_float("temperature", self.temperature)
         if t < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        # Stored as float32: a tiny positive temperature would round to 0 and silently turn
+        # greedy, a huge one to inf (and -inf / inf logits to NaN).
+        if t > 0 and not _F32_MIN_POSITIVE <= t <= _F32_MAX:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or within float32 range "
+                f"[{_F32_MIN_POSITIVE:.3g}, {_F32_MAX:.3g}], got {self.temperature!r}"
+            )
         _check_int("top_k", self.top_k, 0, _I32)
         p = _check_float("top_p", self.top_p)
         if not 0.0 < p <= 1.0:
@@ -244,9 +254,15 @@ def pack_requests(
     Raises:
         ValueError: on mismatched lengths, or naming the request, field and value of a token id
             outside the vocabulary.
-        TypeError: when an entry is not a SamplingParams / ExitPolicy.
+        TypeError: when an argument, or one of its entries, is not a SamplingParams /
+            ExitPolicy.
     """
     _check_int("vocab_size", vocab_size, 1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1)
+    for name, value, kind in (("sampling", sampling, SamplingParams), ("exits", exits, ExitPolicy)):
+        if not isinstance(value, kind) and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
+            raise TypeError(f"{name} must be one {kind.__name__} or a sequence of them, got {type(value).__name__}")
     if batch_size is None:
         if not isinstance(sampling, SamplingParams):
             batch_size = len(sampling)
