@@ -201,3 +201,405 @@ def test_greedy_all_drafts_accepted_appends_bonus(backend):
     assert (out.tokens[:, 3:] == -1).all()
     assert (out.num_emitted == 3).all() and (out.num_accepted == 2).all()
     assert (state.num_generated == 3).all()
+
+
+def run_rounds(backend, B, K, V, seed, rounds, match, head_kind):
+    """Several verification rounds in a row, each against the oracle, the state carried over."""
+    gen, requests, _, _, head, state = scenario(B, K, V, 8, seed, head_kind=head_kind, warm=False)
+    tgen = torch.Generator().manual_seed(seed + 1)
+    want_state = state.clone()
+    for _ in range(rounds):
+        logits = torch.randn(B, K + 1, V, generator=tgen) * 2
+        hidden = None if head is None else torch.randn(B, K + 1, 8, generator=tgen)
+        lens = torch.tensor([gen.randrange(K + 1) for _ in range(B)], dtype=torch.int32)
+        drafts = build_drafts(logits, hidden, requests, state, head, lens, match=match, gen=gen)
+        expected = step_by_step(logits, hidden, requests, want_state, head,
+                                lambda b, j, t: int(drafts[b, j]) if j < lens[b] else None)
+        out = haltkit.verify_step(logits, hidden, drafts, lens, requests, state, head, backend=backend)
+        check_against_oracle(out, expected, state, want_state, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_termination_state_machine_matches_step_by_step_over_rounds(backend):
+    """Random policies (patience, budgets, exit tokens, EOS, lengths) over several rounds (hypothesis)."""
+    needs(backend)
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=30 if backend == "torch" else 6, deadline=None, derandomize=False)
+    @given(
+        B=st.integers(1, 6), K=st.integers(0, 5), V=st.sampled_from([5, 33, 130]),
+        seed=st.integers(0, 2**31), rounds=st.integers(1, 4), match=st.sampled_from([0.5, 0.9, 1.0]),
+        head_kind=st.sampled_from([None, "linear", "mlp"]),
+    )
+    def prop(B, K, V, seed, rounds, match, head_kind):
+        run_rounds(backend, B, K, V, seed, rounds, match, head_kind)
+
+    prop()
+
+
+def greedy_batch(B, K, V, policy: ExitPolicy, seed: int = 0):
+    """Greedy requests with drafts equal to the target's argmax everywhere (all would be accepted)."""
+    tgen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, K + 1, V, generator=tgen)
+    requests = pack_requests(SamplingParams(temperature=0.0), policy, V, B)
+    drafts = logits[:, :K].argmax(-1)
+    return logits, requests, drafts, torch.full((B,), K, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eos_at_position_j_emits_j_plus_one_tokens(backend):
+    needs(backend)
+    K, V, eos = 5, 64, 3
+    B = K + 2
+    logits, requests, drafts, lens = greedy_batch(B, K, V, ExitPolicy(eos_token_ids=(eos,)))
+    logits[:, :, eos] = -100.0
+    for b in range(K + 1):  # row b's target argmax is EOS at position b; row K+1 never sees EOS
+        logits[b, b, eos] = 100.0
+    drafts = logits[:, :K].argmax(-1)
+    state = DecodeState.new(B)
+    out = haltkit.verify_step(logits, None, drafts, lens, requests, state, backend=backend)
+    want = torch.tensor(list(range(1, K + 2)) + [K + 1], dtype=torch.int32)
+    assert torch.equal(out.num_emitted, want)
+    assert torch.equal(out.num_accepted, torch.clamp(want, max=K))
+    for b in range(K + 1):
+        assert int(out.tokens[b, b]) == eos and (out.tokens[b, b + 1 :] == -1).all()
+        assert out.logprobs[b, b + 1 :].isnan().all() and not out.logprobs[b, : b + 1].isnan().any()
+    assert state.finish_reason.tolist() == [Reason.EOS] * (K + 1) + [Reason.NONE]
+    assert torch.equal(state.num_generated, want)
+    assert torch.equal(out.active_idx, torch.tensor([K + 1] + [-1] * (B - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("exit_tokens", [(), (11, 12)])
+def test_value_exit_patience_spans_two_verify_steps(backend, exit_tokens):
+    """Patience 3 with two positions per step: two below-price positions, then the exit at the next step's first."""
+    needs(backend)
+    B, K, V, d = 2, 1, 40, 4
+    policy = ExitPolicy(cost_of_time=0.5, patience=3, exit_tokens=exit_tokens)
+    logits, requests, drafts, lens = greedy_batch(B, K, V, policy)
+    logits[:, :, 11:13] = -50.0  # the model never closes thinking by itself
+    drafts = logits[:, :K].argmax(-1)
+    head = HeadWeights(torch.zeros(1, d + 2), torch.tensor([0.1]), torch.zeros(0), torch.zeros(1))
+    hidden = torch.randn(B, K + 1, d)
+    state = DecodeState.new(B)
+    out = haltkit.verify_step(logits, hidden, drafts, lens, requests, state, head, backend=backend)
+    assert (out.num_emitted == 2).all() and (state.below_count == 2).all()
+    assert torch.allclose(out.values, torch.full((B, K + 1), 0.1))
+    assert (state.finish_reason == Reason.NONE).all()
+
+    if exit_tokens:  # the switch forces 11 at position 0 (drafted: accepted) and 12 at the bonus
+        drafts = torch.full((B, K), 11, dtype=torch.int64)
+    out = haltkit.verify_step(logits, hidden, drafts, lens, requests, state, head, backend=backend)
+    assert state.think_end.tolist() == [Reason.VALUE] * B
+    if exit_tokens:
+        assert out.tokens.tolist() == [[11, 12]] * B and out.num_accepted.tolist() == [1] * B
+        assert state.phase.tolist() == [1] * B and state.finish_reason.tolist() == [Reason.NONE] * B
+        assert out.logprobs.isfinite().all()  # greedy rows: forced tokens under the full softmax
+    else:  # the sequence finishes at position 0 without a token; the head was consulted there
+        assert out.num_emitted.tolist() == [0] * B and (out.tokens == -1).all()
+        assert state.finish_reason.tolist() == [Reason.VALUE] * B
+        assert not out.values[:, 0].isnan().any() and out.values[:, 1].isnan().all()
+        assert int(out.num_active) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_length_limit_mid_run_cuts_the_accepted_run(backend):
+    needs(backend)
+    B, K, V = 3, 6, 50
+    logits, requests, drafts, lens = greedy_batch(B, K, V, ExitPolicy(max_new_tokens=5))
+    state = DecodeState.new(B)
+    state.num_generated.copy_(torch.tensor([0, 2, 4], dtype=torch.int32))
+    out = haltkit.verify_step(logits, None, drafts, lens, requests, state, backend=backend)
+    assert out.num_emitted.tolist() == [5, 3, 1]
+    assert out.num_accepted.tolist() == [5, 3, 1]
+    assert (state.num_generated == 5).all() and (state.finish_reason == Reason.LENGTH).all()
+    assert torch.equal(out.tokens[0, :5], drafts[0, :5]) and (out.tokens[0, 5:] == -1).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Speculative sampling ("rejection") by distribution. Every row is the same request with its own
+# fresh seed, so the emitted tokens are N independent draws.
+
+N_DRAWS = 20_000
+V_SMALL = 10
+
+
+def filtered_target(gen: torch.Generator):
+    """Logits [2, V] (positions 0 and 1) and their sampling distributions under a filtering request."""
+    logits = torch.randn(2, V_SMALL, generator=gen) * 1.2
+    params = SamplingParams(temperature=0.9, top_k=8, top_p=0.97, min_p=0.01)
+    one = pack_requests(params, ExitPolicy(max_new_tokens=1000), V_SMALL, 2)
+    p = haltkit.sampling_probs(logits, one).double()
+    return logits, params, p / p.sum(1, keepdim=True)
+
+
+def draft_distribution(kind: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+    """q [V] of one position: close to p, far from it, disjoint from its support, or None (point mass)."""
+    if kind == "close":
+        q = p * (1 + 0.2 * torch.rand(V_SMALL, generator=gen, dtype=torch.float64)) + 1e-3
+    elif kind == "far":
+        q = torch.softmax(torch.randn(V_SMALL, generator=gen, dtype=torch.float64) * 3, 0)
+    elif kind == "disjoint":
+        q = (p == 0).double() * torch.rand(V_SMALL, generator=gen, dtype=torch.float64)
+    else:
+        return None
+    return q / q.sum()
+
+
+def goodness_of_fit(tokens: torch.Tensor, p: torch.Tensor, what: str) -> None:
+    counts = torch.bincount(tokens, minlength=V_SMALL).double()
+    assert counts[p == 0].sum() == 0, f"{what}: tokens outside the kept set were emitted: {counts}"
+    expected = p[p > 0] * counts.sum()
+    assert expected.min() >= 5, "the test's logits make a chi-square test unreliable"
+    pval = stats.chisquare(counts[p > 0].numpy(), expected.numpy()).pvalue
+    assert pval > ALPHA, f"{what}: counts {counts.tolist()} vs expected {(p * counts.sum()).tolist()}, p = {pval:.2e}"
+
+
+def acceptance_matches(accepted: int, trials: int, p: torch.Tensor, q: torch.Tensor, what: str) -> None:
+    rate = float(torch.minimum(p, q).sum())
+    if rate == 0.0:
+        assert accepted == 0, f"{what}: {accepted} drafts accepted where p and q are disjoint"
+        return
+    pval = stats.binomtest(accepted, trials, min(rate, 1.0)).pvalue
+    assert pval > ALPHA, f"{what}: accepted {accepted}/{trials}, theory sum(min(p, q)) = {rate:.4f}, p = {pval:.2e}"
+
+
+@pytest.mark.parametrize(
+    "kinds", [("close", "close"), ("far", "far"), ("disjoint", "far"), ("far", "point"), ("point", "point")]
+)
+def test_rejection_sampling_is_lossless_in_distribution(kinds):
+    """Position 0 draws from p0; given an accepted draft at 0, position 1 draws from p1; acceptance
+    rates are sum(min(p, q)). Five checks at ALPHA each: false-failure rate < 1e-4.
+
+    "point" drafts are deterministic (p's second most likely token): a one-hot row of [B, K, V]
+    draft_probs when mixed with another kind, the [B, K] ones form when every position is one.
+    """
+    seed = random.randrange(2**31)  # fresh every run; printed on failure
+    gen = torch.Generator().manual_seed(seed)
+    logits, params, p = filtered_target(gen)
+    K = 2
+    qs = [draft_distribution(k, p[j], gen) for j, k in enumerate(kinds)]
+    drafts = torch.empty(N_DRAWS, K, dtype=torch.int64)
+    probs = torch.empty(N_DRAWS, K, V_SMALL)
+    for j, q in enumerate(qs):
+        if q is None:
+            drafts[:, j] = int(p[j].argsort(descending=True)[1])
+            qs[j] = torch.nn.functional.one_hot(drafts[0, j], V_SMALL).double()
+        else:
+            drafts[:, j] = torch.multinomial(q, N_DRAWS, replacement=True, generator=gen)
+        probs[:, j] = qs[j].float()
+    if all(k == "point" for k in kinds):
+        probs = torch.ones(N_DRAWS, K)
+    requests = pack_requests(params, ExitPolicy(max_new_tokens=1000), V_SMALL, N_DRAWS)
+    requests.seed.copy_(torch.randint(0, 2**62, (N_DRAWS,), generator=gen))
+    target = torch.cat([logits, logits[1:]]).expand(N_DRAWS, K + 1, V_SMALL)
+    state = DecodeState.new(N_DRAWS)
+    lens = torch.full((N_DRAWS,), K, dtype=torch.int32)
+    out = haltkit.verify_step(target, None, drafts, lens, requests, state, draft_probs=probs,
+                              method="rejection", backend="torch")
+    tag = f"kinds={kinds} seed={seed}"
+    goodness_of_fit(out.tokens[:, 0], p[0], f"position 0 ({tag})")
+    ok0 = out.num_accepted >= 1
+    acceptance_matches(int(ok0.sum()), N_DRAWS, p[0], qs[0], f"position 0 ({tag})")
+    if int(ok0.sum()) >= 2000:
+        goodness_of_fit(out.tokens[ok0, 1], p[1], f"position 1 after an accepted draft ({tag})")
+        acceptance_matches(int((out.num_accepted >= 2).sum()), int(ok0.sum()), p[1], qs[1], f"position 1 ({tag})")
+    assert torch.equal(state.num_generated, out.num_emitted)
+    assert torch.equal(out.num_emitted, out.num_accepted + 1)  # no row finishes here
+
+
+def test_rejection_on_greedy_rows_is_the_exact_rule():
+    B, K, V = 7, 3, 97
+    gen, requests, logits, hidden, head, state = scenario(B, K, V, 8, 3, sampled=False)
+    lens = torch.tensor([b % (K + 1) for b in range(B)], dtype=torch.int32)
+    drafts = build_drafts(logits, hidden, requests, state, head, lens, match=0.7, gen=gen)
+    exact_state = state.clone()
+    want = haltkit.verify_step(logits, hidden, drafts, lens, requests, exact_state, head, backend="torch")
+    q = torch.zeros(B, K, V)  # would be malformed for a sampled row; greedy rows never read it
+    got = haltkit.verify_step(logits, hidden, drafts, lens, requests, state, head, draft_probs=q,
+                              method="rejection", backend="torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for name in vars(state):
+        assert torch.equal(getattr(state, name), getattr(exact_state, name))
+
+
+def test_sampling_probs_is_the_distribution_decode_step_draws_from():
+    B, V = 9, 211
+    gen = random.Random(5)
+    requests = random_requests(B, V, gen, exits=False)
+    logits = torch.randn(B, V) * 3
+    p = haltkit.sampling_probs(logits, requests)
+    torch.testing.assert_close(p.sum(1), torch.ones(B))
+    out = ref_decode_step(logits, None, requests, DecodeState.new(B), None)
+    # decode_step's log-prob of its token is log p of that token, and it never draws outside p's support.
+    torch.testing.assert_close(out.logprobs, p.gather(1, out.tokens[:, None])[:, 0].log())
+    greedy = requests.temperature == 0
+    torch.testing.assert_close(p[greedy], torch.softmax(logits[greedy], 1))
+    with pytest.raises(ValueError, match=r"logits must have shape \[9, \*\]"):
+        haltkit.sampling_probs(logits[:3], requests)
+
+
+@pytest.mark.parametrize("method", ["exact", "rejection"])
+def test_flat_layout_equals_padded_layout(method):
+    B, K, V, d = 6, 4, 73, 8
+    gen, requests, logits, hidden, head, state = scenario(B, K, V, d, 21)
+    lens = torch.tensor([0, 4, 2, 1, 3, 4], dtype=torch.int32)
+    drafts = build_drafts(logits, hidden, requests, state, head, lens, match=0.8, gen=gen)
+    probs = torch.softmax(torch.randn(B, K, V), -1) if method == "rejection" else None
+    flat_rows = [(b, j) for b in range(B) for j in range(int(lens[b]) + 1)]
+    flat_drafts = [(b, j) for b in range(B) for j in range(int(lens[b]))]
+    pick = lambda t, idx: torch.stack([t[b, j] for b, j in idx])  # noqa: E731
+    padded_state = state.clone()
+    want = haltkit.verify_step(logits, hidden, drafts, lens, requests, padded_state, head, probs, method, "torch")
+    got = haltkit.verify_step_flat(
+        pick(logits, flat_rows), pick(hidden, flat_rows), pick(drafts, flat_drafts),
+        torch.cumsum(lens, 0).to(torch.int32), K, requests, state, head,
+        None if probs is None else pick(probs, flat_drafts), method, "torch",
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for name in vars(state):
+        assert torch.equal(getattr(state, name), getattr(padded_state, name))
+
+
+def test_opcheck_and_compiled_graph_match_eager():
+    """The fake op agrees with the real one, and torch.compile traces through the op unchanged.
+
+    opcheck's AOT test re-runs the op on the inputs its first run already mutated (the state), so
+    outputs legitimately differ; the compiled comparison below does that check on fresh states.
+    """
+    from haltkit.speculative import _verify_step_op
+
+    B, K, V, d = 3, 2, 37, 4
+    gen, requests, logits, hidden, head, state = scenario(B, K, V, d, 8, head_kind="mlp", warm=False)
+    drafts = torch.randint(0, V, (B, K))
+    lens = torch.tensor([0, 1, 2], dtype=torch.int32)
+    for method, probs in [("exact", None), ("rejection", torch.softmax(torch.randn(B, K, V), -1))]:
+        args = (logits, hidden, drafts, lens, probs, *requests.tensors(), *state.clone().tensors(),
+                *head, method, "torch")
+        torch.library.opcheck(_verify_step_op, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+        def step(st):
+            return _verify_step_op(logits, hidden, drafts, lens, probs, *requests.tensors(), *st.tensors(),
+                                   *head, method, "torch")
+
+        eager_state, compiled_state = state.clone(), state.clone()
+        want = step(eager_state)
+        got = torch.compile(step, backend="aot_eager", fullgraph=True)(compiled_state)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        for name in vars(state):
+            assert torch.equal(getattr(compiled_state, name), getattr(eager_state, name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error at the boundary, or an ERROR row that leaves every other row alone.
+
+def _call(**over):
+    B, K, V, d = 3, 2, 20, 4
+    args = dict(
+        target_logits=torch.randn(B, K + 1, V), hidden=torch.randn(B, K + 1, d),
+        draft_tokens=torch.randint(0, V, (B, K)), draft_lens=torch.full((B,), K, dtype=torch.int32),
+        requests=pack_requests(SamplingParams(), ExitPolicy(), V, B), state=DecodeState.new(B),
+        head=haltkit.MarginalValueHead(d), draft_probs=None, method="exact", backend="torch",
+    )
+    args.update(over)
+    return haltkit.verify_step(**args)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(target_logits=torch.randn(3, 20)), r"target_logits must be a \[B, K\+1, V\] tensor"),
+        (dict(target_logits=torch.randn(3, 0, 20)), r"at least one position"),
+        (dict(hidden=torch.randn(3, 2, 4)), r"hidden must have shape \[3, 3, 4\], got \[3, 2, 4\]"),
+        (dict(hidden=torch.randn(3, 3, 5)), r"hidden must have shape \[3, 3, 4\], got \[3, 3, 5\]"),
+        (dict(draft_tokens=torch.zeros(3, 3, dtype=torch.int64)), r"draft_tokens must have shape \[3, 2\]"),
+        (dict(draft_tokens=torch.zeros(3, 2, dtype=torch.int32)), r"draft_tokens must have dtype int64"),
+        (dict(draft_lens=torch.zeros(3, dtype=torch.int64)), r"draft_lens must have dtype int32"),
+        (dict(draft_lens=torch.zeros(4, dtype=torch.int32)), r"draft_lens must have shape \[3\]"),
+        (dict(state=DecodeState.new(4)), r"state has 4 rows but the logits have 3"),
+        (dict(method="greedy"), r"method must be one of \('exact', 'rejection'\), got 'greedy'"),
+        (dict(draft_probs=torch.ones(3, 2)), r"draft_probs is only read by method='rejection'"),
+        (dict(method="rejection"), r"method='rejection' needs draft_probs: \[3, 2, 20\]"),
+        (dict(method="rejection", draft_probs=torch.ones(3, 2, 19)), r"draft_probs must have shape \[3, 2, 20\]"),
+        (dict(method="rejection", draft_probs=torch.ones(3, 2, dtype=torch.int64)), r"draft_probs must have dtype"),
+        (dict(backend="tpu"), r"unknown backend 'tpu'"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_field(over, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _call(**over)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "defect", ["token_below_vocab", "token_at_vocab", "len_above_k", "len_negative", "q_zero_at_draft",
+               "q_nan", "q_point_not_one", "nan_logits_mid_run"],
+)
+def test_malformed_row_is_an_error_row_and_leaves_the_others_alone(backend, defect):
+    needs(backend)
+    B, K, V, d, bad = 5, 3, 41, 4, 2
+    gen = random.Random(13)
+    requests = pack_requests(
+        [SamplingParams(temperature=0.8, seed=gen.randrange(2**63)) for _ in range(B)],
+        ExitPolicy(max_new_tokens=100), V,
+    )
+    tgen = torch.Generator().manual_seed(13)
+    logits = torch.randn(B, K + 1, V, generator=tgen)
+    hidden = torch.randn(B, K + 1, d, generator=tgen)
+    head = random_head(d, False, tgen)
+    state = DecodeState.new(B)
+    lens = torch.full((B,), K, dtype=torch.int32)
+    drafts = build_drafts(logits, hidden, requests, state, head, lens, match=1.0, gen=gen)
+    probs = torch.softmax(torch.randn(B, K, V, generator=tgen), -1)
+    probs.scatter_(2, drafts[:, :, None], 0.5)  # every draft has q(x) > 0
+    method = "rejection" if defect.startswith("q_") else "exact"
+    if defect == "token_below_vocab":
+        drafts[bad, 1] = -1
+    elif defect == "token_at_vocab":
+        drafts[bad, 2] = V
+    elif defect == "len_above_k":
+        lens[bad] = K + 1
+    elif defect == "len_negative":
+        lens[bad] = -1
+    elif defect == "q_zero_at_draft":
+        probs[bad, 1, drafts[bad, 1]] = 0.0
+    elif defect == "q_nan":
+        probs[bad, 0, 7] = math.nan
+    elif defect == "q_point_not_one":
+        probs = torch.ones(B, K)
+        probs[bad, 2] = 0.5
+    elif defect == "nan_logits_mid_run":
+        logits[bad, 2, 5] = math.nan
+    # A drafted token past the row's draft length is never read, so it is no defect.
+    lens[bad + 1] = 1
+    drafts[bad + 1, 2] = V + 100
+
+    def run(rows):
+        idx = torch.tensor(rows)
+        st = state.index_select(idx)
+        out = haltkit.verify_step(
+            logits[idx], hidden[idx], drafts[idx], lens[idx], requests.index_select(idx), st, head,
+            None if method == "exact" else probs[idx], method, backend)
+        return out, st
+
+    out, st = run(list(range(B)))
+    assert int(st.finish_reason[bad]) == Reason.ERROR
+    if defect == "nan_logits_mid_run":  # the two accepted positions before it stand, as step by step
+        assert int(out.num_emitted[bad]) == 2 and int(st.num_generated[bad]) == 2
+        assert not out.values[bad, 2].isnan() and out.values[bad, 3].isnan()
+    else:  # judged as bad logits at position 0: nothing emitted, only the finish reason changes
+        assert int(out.num_emitted[bad]) == 0 and (out.tokens[bad] == -1).all()
+        assert int(st.num_generated[bad]) == 0 and int(st.think_tokens[bad]) == 0
+    assert bad not in out.active_idx.tolist()
+    others = [b for b in range(B) if b != bad]
+    alone, st_alone = run(others)
+    assert (st.finish_reason[others] == Reason.NONE).all()
+    for name in ("tokens", "num_emitted", "num_accepted"):
+        assert torch.equal(getattr(out, name)[others], getattr(alone, name)), name
+    torch.testing.assert_close(out.values[others], alone.values, equal_nan=True, **dict(zip(("rtol", "atol"), TOL[torch.float32])))
+    for name in vars(st):
+        assert torch.equal(getattr(st, name)[others], getattr(st_alone, name)), name
