@@ -8,7 +8,7 @@ setup(
     description="Fused decode-step kernels and a marginal-value head for early-exit LLM decoding",
     python_requires=">=3.10",
     package_dir={"haltkit": "python/haltkit", "haltkit.kernels": "kernels"},
-    packages=["haltkit", "haltkit.reference", "haltkit.kernels", "haltkit.train", "haltkit.models"],
+    packages=["haltkit", "haltkit.reference", "haltkit.kernels", "haltkit.train", "haltkit.models", "haltkit.vllm"],
     # The toy reasoning models (target, draft, value head) ship inside the package.
     package_data={"haltkit.models": ["toy/meta.json", "toy/head.safetensors", "toy/target/*", "toy/draft/*"]},
     # torch is a floor only, so a GPU user keeps the build they already have.

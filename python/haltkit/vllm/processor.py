@@ -1,0 +1,338 @@
+"""The vLLM (v1 logits-processor interface) side of haltkit: hidden-state capture and the processor.
+
+Where things happen in a vLLM step, for a batch whose row i is persistent-batch slot i:
+
+1. The model runner calls ``model.compute_logits(h)``, which calls vLLM's ``LogitsProcessor``
+   layer with the final hidden states of the rows it samples, in logits row order; the layer is
+   wrapped (once per process, when the first processor is built) to keep a reference to ``h``.
+   No copy and no second forward: the head reads the tensor vLLM already made.
+2. The sampler calls :meth:`ValueExitLogitsProcessor.apply` on the float32 logits. It first
+   commits the previous step (:func:`~haltkit.vllm.rules.account`, with the token vLLM appended
+   to the request's output), then evaluates the head and decides this step
+   (:func:`~haltkit.vllm.rules.decide`), then forces tokens by masking every other logit.
+3. vLLM samples. A request that must finish without a token of its own (a value or budget exit
+   without exit tokens, or an error) is forced its *halt token*, the EOS (else its first stop
+   token), so vLLM finishes it with reason "stop" and that one token.
+
+State per request lives in device tensors indexed by slot; a request that leaves the persistent
+batch unfinished (vLLM drops unscheduled and preempted requests from it and adds them back
+later) is parked and restored by the identity of its output-token list.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+from vllm.logger import init_logger
+from vllm.sampling_params import SamplingParams as VllmSamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from ..params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
+from ..state import DecodeState, Reason
+from ..value_head import MarginalValueHead
+from . import CONFIG_KEY, exit_policy_from_args
+from .rules import Decision, account, decide, head_values
+
+__all__ = ["ValueExitLogitsProcessor", "install_hidden_state_capture", "request_policy"]
+
+logger = init_logger("haltkit.vllm")
+
+
+class _Capture:
+    """The final hidden states handed to vLLM's logits layer by the latest ``compute_logits``."""
+
+    hidden: torch.Tensor | None = None
+
+
+_CAPTURE = _Capture()
+
+
+def install_hidden_state_capture() -> None:
+    """Wrap vLLM's ``LogitsProcessor`` layer so its input rows are kept for the head (idempotent).
+
+    Every vLLM model's ``compute_logits`` goes through this layer, whichever model runner
+    (CPU or GPU) loaded it, so one wrap covers them all.
+    """
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor as LogitsLayer
+
+    if getattr(LogitsLayer.forward, "_haltkit_capture", False):
+        return
+    inner = LogitsLayer.forward
+
+    def forward(self, lm_head, hidden_states, *args, **kwargs):
+        _CAPTURE.hidden = hidden_states
+        return inner(self, lm_head, hidden_states, *args, **kwargs)
+
+    forward._haltkit_capture = True
+    LogitsLayer.forward = forward
+
+
+def _stop_ids(params: VllmSamplingParams) -> tuple[int, ...]:
+    """The ids vLLM finishes this request on: its EOS (unless ignore_eos), then stop_token_ids."""
+    ids = [] if params.eos_token_id is None else [params.eos_token_id]
+    return tuple(ids + [t for t in params.stop_token_ids or () if t not in ids])
+
+
+def request_policy(params: VllmSamplingParams) -> ExitPolicy | None:
+    """The request's ExitPolicy from its extra_args (None without haltkit parameters).
+
+    Raises:
+        ValueError: ExitPolicy's error, or a request that could need to finish on an exit but
+            has nothing vLLM stops on.
+    """
+    policy = exit_policy_from_args(params.extra_args, params.max_tokens, _stop_ids(params))
+    can_stop_on_exit = policy is not None and (
+        policy.cost_of_time is not None or policy.thinking_budget is not None
+    )
+    if can_stop_on_exit and not policy.exit_tokens and params.ignore_eos and not params.stop_token_ids:
+        raise ValueError(
+            "a request with ignore_eos and no stop_token_ids cannot finish on a value or budget "
+            "exit: give it exit_tokens, stop_token_ids, or drop ignore_eos"
+        )
+    return policy
+
+
+@dataclass
+class _Parked:
+    """A request that left the persistent batch unfinished: its slot row, to be restored."""
+
+    outputs: list[int]
+    n_seen: int
+    pending: bool
+    rows: tuple[torch.Tensor, ...]
+
+
+class ValueExitLogitsProcessor(LogitsProcessor):
+    """vLLM v1 logits processor applying haltkit's exit rules with the value head.
+
+    Engine-wide settings come from ``additional_config["haltkit"]`` (see
+    :func:`haltkit.vllm.engine_args`): ``value_head``, the path of a head file, optional.
+    Per-request parameters come from ``SamplingParams.extra_args`` (see
+    :func:`haltkit.vllm.exit_policy_from_args`).
+
+    Raises (at engine start):
+        ValueError: unknown settings, or a head whose d_model is not the model's hidden size.
+    """
+
+    @classmethod
+    def validate_params(cls, sampling_params: VllmSamplingParams) -> None:
+        """Check a request's haltkit parameters at admission (vLLM turns the error into a 400)."""
+        request_policy(sampling_params)
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        cfg = dict((vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
+        unknown = set(cfg) - {"value_head"}
+        if unknown:
+            raise ValueError(f"additional_config[{CONFIG_KEY!r}]: unknown settings {sorted(unknown)}")
+        self.device = torch.device(device)
+        self.pin = is_pin_memory
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self.head = None
+        if cfg.get("value_head"):
+            head = MarginalValueHead.load(cfg["value_head"], device=self.device)
+            d = vllm_config.model_config.get_hidden_size()
+            if head.d_model != d:
+                raise ValueError(
+                    f"value head {cfg['value_head']} reads d_model={head.d_model} but the model's "
+                    f"hidden size is {d}"
+                )
+            self.head = head.weights()
+        M = vllm_config.scheduler_config.max_num_seqs
+        # Slot storage: the requests' parameters, the committed state, and the decision of the
+        # latest apply() awaiting its token (committed by account() on the next apply()).
+        self.req = pack_requests(SamplingParams(), [ExitPolicy()] * M, self.vocab_size, device=self.device)
+        self.state = DecodeState.new(M, self.device)
+        self.cand = DecodeState.new(M, self.device)
+        zeros = lambda dt: torch.zeros(M, dtype=dt, device=self.device)  # noqa: E731
+        self.emit, self.drew, self.active = zeros(torch.bool), zeros(torch.bool), zeros(torch.bool)
+        self.halt_token = zeros(torch.int64)
+        # Host side, per slot: the request's live output list, tokens accounted, a pending decision.
+        self.outputs: list[list[int] | None] = [None] * M
+        self.n_seen = [0] * M
+        self.pending = [False] * M
+        self.parked: dict[int, _Parked] = {}
+        install_hidden_state_capture()
+
+    def is_argmax_invariant(self) -> bool:
+        """Forced tokens change the argmax, so greedy requests must see this processor too."""
+        return False
+
+    # ---- slot bookkeeping -------------------------------------------------------------------
+
+    def _rows(self) -> list[torch.Tensor]:
+        """Every per-slot device tensor whose rows move with their request (not the parameters)."""
+        return [*self.state.tensors(), *self.cand.tensors(), self.emit, self.drew, self.active, self.halt_token]
+
+    def _set_rows(self, tensors: list[torch.Tensor]) -> None:
+        n = len(fields(DecodeState))
+        self.state, self.cand = DecodeState(*tensors[:n]), DecodeState(*tensors[n:2 * n])
+        self.emit, self.drew, self.active, self.halt_token = tensors[2 * n:]
+
+    def _park(self, i: int) -> None:
+        out = self.outputs[i]
+        if out is not None:
+            self.parked[id(out)] = _Parked(out, self.n_seen[i], self.pending[i],
+                                           tuple(t[i].clone() for t in self._rows()))
+        self.outputs[i], self.pending[i] = None, False
+        self.active[i] = False
+
+    def _sweep_parked(self) -> None:
+        # A finished request is never added back; vLLM then drops its output list, and ours is
+        # the last reference (getrefcount counts its own argument too).
+        for key in [k for k, p in self.parked.items() if sys.getrefcount(p.outputs) <= 2]:
+            del self.parked[key]
+
+    def _add(self, i: int, params: VllmSamplingParams, outputs: list[int]) -> None:
+        self.outputs[i], self.pending[i] = None, False
+        self.active[i] = False
+        policy = request_policy(params)  # validated at admission; cannot raise here
+        if policy is None:
+            return
+        stops = _stop_ids(params)
+        halt = stops[0] if stops else -1
+        parked = self.parked.pop(id(outputs), None)
+        if parked is not None and parked.outputs is outputs:
+            for t, v in zip(self._rows(), parked.rows):
+                t[i] = v
+            self.outputs[i], self.n_seen[i], self.pending[i] = outputs, parked.n_seen, parked.pending
+            return
+        finish = Reason.NONE
+        try:
+            row = pack_requests(SamplingParams(), policy, self.vocab_size, batch_size=1, device=self.device)
+        except ValueError as e:  # a token id outside this model's vocabulary
+            logger.error("haltkit: request ends with an error: %s", e)
+            row = pack_requests(SamplingParams(), ExitPolicy(), self.vocab_size, batch_size=1, device=self.device)
+            finish = Reason.ERROR
+        if policy.cost_of_time is not None and self.head is None:
+            logger.error("haltkit: cost_of_time given but the engine has no value head; the request ends with an error")
+            finish = Reason.ERROR
+        if halt < 0 and (finish != Reason.NONE or (not policy.exit_tokens and (
+                policy.cost_of_time is not None or policy.thinking_budget is not None))):
+            logger.error("haltkit: the model has no EOS and the request no stop_token_ids, so it "
+                         "cannot finish on an exit; haltkit leaves it to vLLM")
+            return
+        self._put_request(i, row)
+        for t in self.state.tensors():
+            t[i] = 0
+        self.state.num_generated[i] = len(outputs)
+        self.state.finish_reason[i] = int(finish)
+        self.halt_token[i] = halt
+        self.active[i] = True
+        self.outputs[i], self.n_seen[i] = outputs, len(outputs)
+
+    def _put_request(self, i: int, row: RequestBatch) -> None:
+        for f in fields(RequestBatch):
+            dst, src = getattr(self.req, f.name), getattr(row, f.name)
+            if src.dim() == 2 and src.shape[1] > dst.shape[1]:  # a longer EOS / exit-token list
+                dst = torch.nn.functional.pad(dst, (0, src.shape[1] - dst.shape[1]), value=-1)
+                setattr(self.req, f.name, dst)
+            if src.dim() == 2:
+                dst[i] = -1
+                dst[i, : src.shape[1]] = src[0]
+            else:
+                dst[i] = src[0]
+
+    def _move(self, moves) -> None:
+        # Compose the moves into one gather; None marks a slot a one-way move left empty.
+        perm: list[int | None] = list(range(len(self.outputs)))
+        for a, b, kind in moves:
+            if kind == MoveDirectionality.SWAP:
+                perm[a], perm[b] = perm[b], perm[a]
+            else:
+                perm[b], perm[a] = perm[a], None
+        idx = torch.tensor([0 if p is None else p for p in perm], device=self.device)
+        self._set_rows([t.index_select(0, idx) for t in self._rows()])
+        self.req = self.req.index_select(idx)
+        self.outputs = [None if p is None else self.outputs[p] for p in perm]
+        self.n_seen = [0 if p is None else self.n_seen[p] for p in perm]
+        self.pending = [False if p is None else self.pending[p] for p in perm]
+        for i, p in enumerate(perm):
+            if p is None:
+                self.active[i] = False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Follow vLLM's persistent batch: removed (parked), added, moved, in that order."""
+        if batch_update is None:
+            return
+        for i in batch_update.removed:
+            self._park(i)
+        if batch_update.removed:
+            self._sweep_parked()
+        for i, params, _, outputs in batch_update.added:
+            self._add(i, params, outputs)
+        if batch_update.moved:
+            self._move(batch_update.moved)
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Commit the previous step, decide this one, and force tokens ([B, V] float32, in place)."""
+        B = logits.shape[0]
+        rows = [i for i in range(B) if self.outputs[i] is not None]
+        if not rows:
+            return logits
+        token, got = [-1] * B, [False] * B
+        for i in rows:
+            out = self.outputs[i]
+            if len(out) == self.n_seen[i]:
+                continue  # no token since the last decision (a partial prefill): decide again
+            if len(out) != self.n_seen[i] + 1 or not self.pending[i]:
+                raise RuntimeError(
+                    f"haltkit: slot {i} gained {len(out) - self.n_seen[i]} tokens in one step; "
+                    "haltkit's vLLM processor supports one token per step (no speculative decoding)"
+                )
+            token[i], got[i] = out[-1], True
+            self.n_seen[i] = len(out)
+        r = RequestBatch(*(t[:B] for t in self.req.tensors()))
+        s = DecodeState(*(t[:B] for t in self.state.tensors()))
+        if any(got):
+            got_t = self._h2d(got, torch.bool)
+            tok_t = self._h2d(token, torch.int64)
+            pending = Decision(DecodeState(*(t[:B] for t in self.cand.tensors())),
+                               self.emit[:B], self.drew[:B], None, None)
+            done = account(pending, tok_t, r)
+            for old, new in zip(s.tensors(), done.tensors()):
+                old.copy_(torch.where(got_t, new, old))
+
+        hidden = self._hidden(B)
+        values = head_values(hidden, r, s, self.head)
+        dec = decide(values, r, s)
+        on = self.active[:B]
+        for dst, src in zip(self.cand.tensors(), dec.state.tensors()):
+            dst[:B] = src
+        self.emit[:B], self.drew[:B] = dec.emit & on, dec.drew & on
+        for i in rows:
+            self.pending[i] = True
+
+        # A halted request keeps being forced its halt token until vLLM removes it.
+        halted = on & (dec.halt | ((s.finish_reason != Reason.NONE) & ~dec.emit))
+        force = torch.where(on & dec.emit & ~dec.drew, dec.forced_token,
+                            torch.where(halted, self.halt_token[:B], -1))
+        if logits.device.type == "cpu" and not bool((force >= 0).any()):
+            return logits  # nothing to force (on the GPU the masking below runs regardless: no sync)
+        forcing = (force >= 0)[:, None]
+        col = force.clamp(min=0)[:, None]
+        keep = logits.gather(1, col)
+        logits.masked_fill_(forcing, -math.inf)
+        logits.scatter_(1, col, torch.where(forcing, torch.zeros_like(keep), keep))
+        return logits
+
+    def _h2d(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype, pin_memory=self.pin and self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
+
+    def _hidden(self, B: int) -> torch.Tensor | None:
+        if self.head is None:
+            return None
+        h = _CAPTURE.hidden
+        if h is None or h.dim() != 2 or h.shape[0] != B or h.shape[1] != self.head.d_model:
+            got = None if h is None else list(h.shape)
+            raise RuntimeError(
+                f"haltkit: the captured hidden states are {got}, expected [{B}, {self.head.d_model}] "
+                "(one row per logits row); pipeline parallelism and speculative decoding are not "
+                "supported by haltkit's vLLM processor"
+            )
+        return h
