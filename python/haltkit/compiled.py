@@ -1,0 +1,101 @@
+"""Compiled decode steps, cached across calls: one per (model, batch-size bucket, capacity).
+
+On the CPU a step is the model's forward under ``torch.compile(dynamic=False)``; on a GPU the
+same under ``mode="reduce-overhead"``, which captures it in a CUDA graph and replays it. Either
+needs fixed shapes and fixed buffer addresses, so each bucket owns a pooled :class:`ModelRunner`
+whose KV-cache buffers are allocated once and reused by every later call (their addresses are
+marked static for the CUDA graph). Compaction copies the surviving rows into the next smaller
+bucket's buffers. ``clear()`` drops everything (models, buffers and compiled code).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+from torch import nn
+
+from .runner import ModelRunner, RaggedKVCache
+
+__all__ = ["CompiledRunner", "compiled_runner", "move_to_bucket", "clear"]
+
+# model -> {(batch, capacity): runner}. The runner holds the model, so entries live until
+# clear(): a compiled step is only worth its compile time if it is kept.
+_POOL: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: Compiled graphs per code object that dynamo keeps (buckets x step widths x models).
+_RECOMPILE_LIMIT = 64
+
+
+class CompiledRunner(ModelRunner):
+    """A pooled runner whose forwards run compiled; one per (model, batch bucket, capacity)."""
+
+    compiled = True
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:
+        super().__init__(model, batch, capacity)
+        self._steps: dict[int, object] = {}
+        self._compile_s = 0.0
+        self._fresh_s = 0.0
+
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`ModelRunner.forward`, compiled per step width q; ``view`` is ignored (the
+        compiled step always attends over the full static cache)."""
+        q = input_ids.shape[1]
+        positions = start[:, None] + torch.arange(q, device=start.device)[None, :]
+        self.cache.view_len = self.capacity + 1
+        step = self._steps.get(q)
+        if step is not None:
+            return step(input_ids, positions)
+        if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        step = torch.compile(self.forward_at, dynamic=False, fullgraph=False, mode=mode)
+        t0 = time.perf_counter()
+        out = step(input_ids, positions)
+        if mode is not None:  # the CUDA graph is recorded on the next calls
+            out = step(input_ids, positions)
+            torch.cuda.synchronize()
+        self._fresh_s += time.perf_counter() - t0
+        self._steps[q] = step
+        return out
+
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling since the last call (each compile is reported once)."""
+        s, self._fresh_s = self._fresh_s, 0.0
+        return s
+
+    def compact(self, idx: torch.Tensor) -> ModelRunner:
+        return move_to_bucket(self, idx)
+
+
+def compiled_runner(model: nn.Module, batch: int, capacity: int) -> CompiledRunner:
+    """The pooled compiled runner of ``model`` for this batch bucket and capacity."""
+    runners = _POOL.setdefault(model, {})
+    key = (batch, capacity)
+    if key not in runners:
+        runners[key] = CompiledRunner(model, batch, capacity)
+    return runners[key]
+
+
+def _allocate_like(src: RaggedKVCache, dst: RaggedKVCache) -> None:
+    for bufs_src, bufs_dst in ((src.keys, dst.keys), (src.values, dst.values)):
+        for i, buf in enumerate(bufs_src):
+            if buf is not None and bufs_dst[i] is None:
+                bufs_dst[i] = buf.new_zeros((dst.batch,) + tuple(buf.shape[1:]))
+                if bufs_dst[i].is_cuda:
+                    torch._dynamo.mark_static_address(bufs_dst[i])
+
+
+def move_to_bucket(runner: ModelRunner, idx: torch.Tensor) -> CompiledRunner:
+    """Copy rows ``idx`` of ``runner``'s cache into the pooled runner of bucket ``len(idx)``."""
+    dst = compiled_runner(runner.model, idx.shape[0], runner.capacity)
+    _allocate_like(runner.cache, dst.cache)
+    runner.cache.copy_rows_into(dst.cache, idx)
+    return dst
+
+
+def clear() -> None:
+    """Forget every compiled step and pooled cache."""
+    _POOL.clear()
+    torch._dynamo.reset()

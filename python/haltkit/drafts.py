@@ -1,0 +1,292 @@
+"""Draft sources for speculative decoding: one small interface, three sources.
+
+* :class:`DraftModel`: a smaller causal LM with the target's vocabulary, run on its own ragged
+  KV cache;
+* :class:`EarlyLayerDraft`: self-speculation, the target's first L layers plus its final norm
+  and LM head, sharing the target's KV cache (the verification pass rewrites those layers'
+  entries at every position it scores, so the draft never has to catch up);
+* :class:`PromptLookup`: n-gram / prompt-lookup drafting, copying what followed the latest
+  earlier occurrence of the sequence's last n tokens (no model at all).
+
+A model draft samples with ``decode_step``'s own rule on its logits (the request's seed, the
+sequence's step counter, its filters, forced exit tokens and length limit; value exits off), so
+under seeded sampling it proposes the very token the target will draw whenever the two models
+agree, and acceptance stays high. Every source returns its own length per sequence.
+
+The interface (what :func:`haltkit.generate` calls):
+
+* ``max_len`` (K) and ``adaptive``: the longest draft, and whether the engine shortens a
+  sequence's drafts while its recent drafts are rejected;
+* ``check(model, vocab_size)``: raise before any work when the source cannot serve ``model``;
+* ``start(target, batch, capacity, compile)``: per-call set-up;
+* ``propose(ctx, k) -> (tokens [P, k] int64, lens [P] int32, probs [P, k, V] | [P, k] | None)``;
+* ``select_rows(idx)``: follow the engine's compaction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .ops import decode_step
+from .params import RequestBatch
+from .runner import ModelRunner, model_dims
+from .speculative import sampling_probs
+from .state import DecodeState
+
+__all__ = ["DraftContext", "DraftModel", "EarlyLayerDraft", "PromptLookup", "as_draft_source"]
+
+
+@dataclass
+class DraftContext:
+    """What a draft source sees of the running batch (P rows; all on the target's device).
+
+    Fields:
+        seq: [P, W] int64, row b's tokens by position (prompt then generated); valid on
+            ``[0, length[b]]``, the last of which is the pending token (emitted, not yet in the
+            target's cache).
+        length: [P] int64, tokens in the target's cache (the pending token's position).
+        requests: the packed requests of the P rows.
+        state: the decode state of the P rows (read only; drafts work on a copy).
+        view: a host-side bound on ``length.max() + 1`` (how many cache slots eager attention reads).
+        want_probs: return the draft distributions (speculative sampling, method "rejection").
+        backend: the epilogue backend.
+        target: the target's runner (its KV cache is shared by an early-layer draft).
+    """
+
+    seq: torch.Tensor
+    length: torch.Tensor
+    requests: RequestBatch
+    state: DecodeState
+    view: int
+    want_probs: bool
+    backend: str
+    target: ModelRunner
+
+
+def _check_len(max_len: object) -> int:
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise ValueError(f"draft max_len must be an int >= 1, got {max_len!r}")
+    return max_len
+
+
+class _ModelDrafter:
+    """Shared loop of the two model drafts: catch up the draft's cache, then draw k tokens."""
+
+    max_len: int
+    adaptive: bool
+    runner: ModelRunner | None = None
+
+    def _draft_requests(self, requests: RequestBatch) -> RequestBatch:
+        # The draft has no value head: value exits are off, everything else is the request's.
+        return replace(requests, cost_of_time=torch.full_like(requests.cost_of_time, -math.inf))
+
+    def _cached(self, ctx: DraftContext) -> torch.Tensor:
+        """[P] int64: positions [0, D) of the draft's cache that hold the sequence's tokens."""
+        raise NotImplementedError
+
+    def _advance(self, done: torch.Tensor) -> None:
+        """Record that the draft's cache now holds positions [0, done)."""
+
+    def propose(
+        self, ctx: DraftContext, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Draft up to ``k`` tokens per row: (tokens [P, k], lens [P] int32, probs [P, k, V])."""
+        runner = self.runner
+        P, W = ctx.seq.shape
+        L = ctx.length
+        D = torch.minimum(self._cached(ctx), L)
+        # Catch-up chunk: positions [D, L] (the last is the pending token), right-padded; one
+        # forward feeds it and yields the logits of the first drafted token.
+        width = self._catch_up_width(ctx, D)
+        pos = D[:, None] + torch.arange(width, device=L.device)[None, :]
+        chunk = ctx.seq.gather(1, pos.clamp(max=W - 1))
+        logits, _ = runner.forward(chunk, D, ctx.view)
+        last = (L - D)[:, None, None].expand(P, 1, logits.shape[-1])
+        step_logits = logits.gather(1, last)[:, 0]
+
+        req = self._draft_requests(ctx.requests)
+        state = ctx.state.clone()
+        tokens = torch.zeros(P, k, dtype=torch.int64, device=L.device)
+        probs = []
+        alive = torch.ones(P, dtype=torch.bool, device=L.device)
+        lens = torch.zeros(P, dtype=torch.int32, device=L.device)
+        for i in range(k):
+            if ctx.want_probs:
+                probs.append(sampling_probs(step_logits, req))
+            out = decode_step(step_logits, None, req, state, None, backend=ctx.backend)
+            alive = alive & (out.tokens >= 0)
+            lens += alive.to(torch.int32)
+            tokens[:, i] = torch.where(alive, out.tokens, 0)
+            if i + 1 < k:
+                logits, _ = runner.forward(tokens[:, i : i + 1], L + 1 + i, ctx.view + i + 1)
+                step_logits = logits[:, 0]
+        self._advance(L + k)
+        return tokens, lens, (torch.stack(probs, 1) if ctx.want_probs else None)
+
+    def _catch_up_width(self, ctx: DraftContext, D: torch.Tensor) -> int:
+        return 1
+
+
+class DraftModel(_ModelDrafter):
+    """A smaller causal LM with the target's vocabulary drafts K tokens per step.
+
+    Args:
+        model: the draft model (a Hugging Face causal LM), on the target's device.
+        max_len: K, the longest draft. Default 4.
+        adaptive: shorten a sequence's drafts while they are rejected (+2 after a fully accepted
+            draft, -1 otherwise, within [1, K]). Default False.
+
+    Example:
+        >>> haltkit.generate(target, ids, draft=DraftModel(small, max_len=4))
+    """
+
+    name = "draft-model"
+
+    def __init__(self, model: nn.Module, max_len: int = 4, adaptive: bool = False) -> None:
+        self.model, self.max_len, self.adaptive = model, _check_len(max_len), bool(adaptive)
+        self.D: torch.Tensor | None = None
+
+    def check(self, model: nn.Module, vocab_size: int) -> None:
+        """Raise ValueError when the draft's vocabulary is not the target's."""
+        v, _, _ = model_dims(self.model)
+        if v != vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary has {v} entries but the target's has {vocab_size}; "
+                "a draft must share the target's tokenizer and vocabulary"
+            )
+
+    def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
+        self.runner = ModelRunner(self.model, batch, capacity)
+        self.D = torch.zeros(batch, dtype=torch.int64, device=target.device)
+
+    def _cached(self, ctx: DraftContext) -> torch.Tensor:
+        return self.D
+
+    def _advance(self, done: torch.Tensor) -> None:
+        self.D = done
+
+    def _catch_up_width(self, ctx: DraftContext, D: torch.Tensor) -> int:
+        # One host sync per step: the longest catch-up (the prompt, on the first step).
+        return int((ctx.length - D).max()) + 1
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        self.runner = self.runner.compact(idx)
+        self.D = self.D.index_select(0, idx)
+
+
+class EarlyLayerDraft(_ModelDrafter):
+    """Self-speculation: the target's first ``layers`` layers, final norm and LM head draft.
+
+    Shares the target's weights and KV cache; costs no memory and needs no second model.
+
+    Args:
+        layers: L, in [1, num_hidden_layers).
+        max_len: K. Default 4.
+        adaptive: as :class:`DraftModel`. Default False.
+    """
+
+    name = "early-layer"
+
+    def __init__(self, layers: int, max_len: int = 4, adaptive: bool = False) -> None:
+        self.layers, self.max_len, self.adaptive = layers, _check_len(max_len), bool(adaptive)
+
+    def check(self, model: nn.Module, vocab_size: int) -> None:
+        """Raise ValueError/TypeError when the target cannot be cut at ``layers``."""
+        from .runner import truncated_body
+
+        truncated_body(model, self.layers)
+
+    def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
+        self.runner = ModelRunner(target.model, batch, capacity, layers=self.layers, cache=target.cache)
+
+    def _cached(self, ctx: DraftContext) -> torch.Tensor:
+        # The target's verification pass wrote these layers at every position it scored; its
+        # cache (compacted, or swapped for a compiled bucket's) is the one to write into.
+        self.runner.cache = ctx.target.cache
+        return ctx.length
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        pass  # the shared cache is compacted by the target
+
+
+class PromptLookup:
+    """Prompt-lookup / n-gram drafting: copy what followed the latest earlier match of the
+    sequence's last n tokens (n from ``max_ngram`` down to ``min_ngram``).
+
+    Args:
+        max_len: K. Default 4.
+        max_ngram, min_ngram: the n-gram sizes tried, longest first. Defaults 3 and 1.
+        adaptive: as :class:`DraftModel`. Default False.
+    """
+
+    name = "prompt-lookup"
+
+    def __init__(self, max_len: int = 4, max_ngram: int = 3, min_ngram: int = 1, adaptive: bool = False) -> None:
+        self.max_len, self.adaptive = _check_len(max_len), bool(adaptive)
+        if not (isinstance(min_ngram, int) and isinstance(max_ngram, int) and 1 <= min_ngram <= max_ngram):
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, max_ngram={max_ngram!r}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def check(self, model: nn.Module, vocab_size: int) -> None:
+        """Nothing to check: the draft copies the sequence's own tokens."""
+
+    def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
+        pass
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        pass
+
+    def propose(
+        self, ctx: DraftContext, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens [P, k], lens [P] int32, None): point-mass drafts (probs are ones if asked)."""
+        seq, L = ctx.seq, ctx.length
+        P, W = seq.shape
+        dev = seq.device
+        cont = torch.full((P,), -1, dtype=torch.int64, device=dev)  # where the copied run starts
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if W < n + 1:
+                continue
+            suffix = seq.gather(1, (L[:, None] - n + 1 + torch.arange(n, device=dev)).clamp(min=0))
+            starts = torch.arange(W - n + 1, device=dev)[None, :]
+            # A match must end before the suffix's last token, so that it is followed by a known one.
+            match = (seq.unfold(1, n, 1) == suffix[:, None, :]).all(-1) & (starts + n <= L[:, None])
+            match &= (L[:, None] + 1 >= n)
+            latest = torch.where(match, starts, -1).max(1).values
+            cont = torch.where((cont < 0) & (latest >= 0), latest + n, cont)
+        lens = torch.where(cont >= 0, (L + 1 - cont).clamp(max=k), 0).to(torch.int32)
+        tokens = seq.gather(1, (cont.clamp(min=0)[:, None] + torch.arange(k, device=dev)).clamp(max=W - 1))
+        probs = torch.ones(P, k, device=dev) if ctx.want_probs else None
+        return tokens, lens, probs
+
+
+def as_draft_source(draft: object) -> object | None:
+    """A draft source from ``generate``'s ``draft`` argument.
+
+    Accepts a source, None, an ``nn.Module`` (a :class:`DraftModel`), ``"ngram"`` /
+    ``"prompt-lookup"`` (a :class:`PromptLookup`) or ``"layer:L"`` (an :class:`EarlyLayerDraft`).
+
+    Raises:
+        ValueError / TypeError: anything else, saying what is accepted.
+    """
+    if draft is None or isinstance(draft, (DraftModel, EarlyLayerDraft, PromptLookup)):
+        return draft
+    if isinstance(draft, nn.Module):
+        return DraftModel(draft)
+    if isinstance(draft, str):
+        if draft in ("ngram", "prompt-lookup"):
+            return PromptLookup()
+        if draft.startswith("layer:"):
+            try:
+                layers = int(draft.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"draft {draft!r}: expected 'layer:L' with an integer L") from None
+            return EarlyLayerDraft(layers)
+        raise ValueError(f"unknown draft {draft!r}; expected 'ngram', 'prompt-lookup' or 'layer:L'")
+    raise TypeError(
+        f"draft must be None, an nn.Module, 'ngram', 'layer:L' or a draft source, got {type(draft).__name__}"
+    )

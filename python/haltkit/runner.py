@@ -1,0 +1,293 @@
+"""A causal LM, its ragged KV cache and its forward pass, as the decode engine drives them.
+
+The cache is laid out as FlashAttention's ``flash_attn_with_kvcache`` and FlashInfer's decode
+kernels see it: slot ``j`` of row ``b`` holds position ``j`` of sequence ``b``, and row ``b`` is
+valid on ``[0, length[b])``. New entries are written at per-row positions, so ragged prompts need
+no padding inside the cache, a rejected speculative draft is rolled back by not advancing
+``length``, and dropping a finished sequence is one ``index_select`` over the batch dimension.
+The attention mask follows from the positions alone (key ``j`` is visible to a query at position
+``p`` iff ``j <= p``, within the sliding window if the model has one).
+
+Model contract (one small table, :func:`split_model`): a Hugging Face causal LM is run as its
+``base_model`` (whose ``last_hidden_state`` is the final hidden state, after the final norm) plus
+its output embeddings (the LM head), so the value head reads the LM head's input without a second
+forward pass. Any other ``nn.Module`` works if its ``forward`` takes Hugging Face's arguments
+(``input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states``)
+and returns ``logits`` and ``hidden_states`` whose last entry is the LM head's input.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["RaggedKVCache", "ModelRunner", "split_model", "model_dims", "bucket_size"]
+
+
+def bucket_size(n: int) -> int:
+    """The compiled batch size that holds ``n`` rows: the next power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class RaggedKVCache:
+    """Per-layer ``[P, H, T, D]`` key/value buffers written at per-row positions.
+
+    Duck-types the part of Hugging Face's ``Cache`` that attention layers call (``update``);
+    the engine sets ``write_pos`` ([P, q] int64, the positions of the q tokens being fed) before
+    every forward. ``view_len`` limits the keys handed to attention in eager mode (the compiled
+    step keeps the full static width so that its shapes never change). Slot ``capacity`` is a
+    trash slot: padded positions past a row's end (a short draft in a wide verification pass)
+    are written there, never over a real entry, and no real query ever sees it.
+
+    Args:
+        num_layers: cache layers (the model's, or fewer for an early-layer draft that shares it).
+        batch: P rows.
+        capacity: T, the most positions a row can hold (buffers have T + 1 slots).
+    """
+
+    is_compileable = True
+    is_sliding = ()
+
+    def __init__(self, num_layers: int, batch: int, capacity: int) -> None:
+        self.num_layers, self.batch, self.capacity = num_layers, batch, capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.write_pos = torch.zeros(batch, 1, dtype=torch.int64)
+        self.view_len = capacity + 1
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new ``[P, H, q, D]`` keys/values at ``write_pos``; return the layer's buffers."""
+        if self.keys[layer_idx] is None:  # allocated on the first (eager) forward
+            P, H, _, Dk = key_states.shape
+            self.keys[layer_idx] = key_states.new_zeros(P, H, self.capacity + 1, Dk)
+            self.values[layer_idx] = value_states.new_zeros(P, H, self.capacity + 1, value_states.shape[-1])
+        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
+        P, H, q, _ = key_states.shape
+        idx = self.write_pos[:, None, :, None]
+        k_buf.scatter_(2, idx.expand(P, H, q, k_buf.shape[-1]), key_states)
+        v_buf.scatter_(2, idx.expand(P, H, q, v_buf.shape[-1]), value_states)
+        return k_buf[:, :, : self.view_len], v_buf[:, :, : self.view_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Positions are always passed explicitly, so Hugging Face never needs this.
+        return 0
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Keep rows ``idx`` ([n] int64), in that order (compaction)."""
+        self.keys = [None if k is None else k.index_select(0, idx) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, idx) for v in self.values]
+        self.batch = idx.shape[0]
+
+    def copy_rows_into(self, other: "RaggedKVCache", idx: torch.Tensor) -> None:
+        """Copy rows ``idx`` ([other.batch] int64) into ``other``'s allocated buffers, in place."""
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for buf, dst in zip(mine, theirs):
+                if buf is not None:
+                    dst.copy_(buf.index_select(0, idx))
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(body, lm_head) of a Hugging Face causal LM, or (None, None) for a plain module.
+
+    The body returns ``last_hidden_state`` (the LM head's input, after the final norm).
+    """
+    base = getattr(model, "base_model", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(base, nn.Module) and base is not model and isinstance(head, nn.Module):
+        return base, head
+    return None, None
+
+
+def model_dims(model: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """(vocab size, hidden size, max positions) read from the LM head and config where known."""
+    _, head = split_model(model)
+    cfg = getattr(model, "config", None)
+    vocab = getattr(head, "out_features", None) if head is not None else None
+    hidden = getattr(head, "in_features", None) if head is not None else None
+    if vocab is None and cfg is not None:
+        vocab = getattr(cfg, "vocab_size", None)
+    if hidden is None and cfg is not None:
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    max_pos = None
+    if cfg is not None:
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return vocab, hidden, max_pos
+
+
+def _num_layers(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not isinstance(n, int):
+        raise TypeError("the model's config must give num_hidden_layers (or n_layer) so the KV cache can be sized")
+    return n
+
+
+def _layer_list(body: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """The body's decoder-layer list: the ModuleList child with one entry per layer."""
+    for name, child in body.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == num_layers:
+            return name, child
+    raise TypeError(f"{type(body).__name__} has no ModuleList of {num_layers} decoder layers to truncate")
+
+
+def truncated_body(model: nn.Module, layers: int) -> nn.Module:
+    """The model's body running only its first ``layers`` decoder layers, then its final norm.
+
+    Shares every weight with ``model`` (a shallow copy with a shorter layer list), so an
+    early-layer draft costs no memory. Used for self-speculation.
+
+    Raises:
+        ValueError: ``layers`` is not in [1, num_hidden_layers).
+        TypeError: the model is not a Hugging Face causal LM with a decoder-layer list.
+    """
+    body, _ = split_model(model)
+    if body is None:
+        raise TypeError("early-layer drafting needs a Hugging Face causal LM (base_model + output embeddings)")
+    n = _num_layers(model)
+    if not isinstance(layers, int) or not 1 <= layers < n:
+        raise ValueError(f"early-layer draft: layers must be an int in [1, {n}) for a {n}-layer model, got {layers!r}")
+    name, full = _layer_list(body, n)
+    short = copy.copy(body)
+    short._modules = dict(body._modules)
+    short._modules[name] = nn.ModuleList(list(full)[:layers])
+    # Llama-style bodies loop over layers[: config.num_hidden_layers]; give the copy its own config.
+    short.config = copy.copy(body.config)
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(short.config, attr):
+            setattr(short.config, attr, layers)
+    return short
+
+
+def _mask_kinds(config) -> dict[str, int | None]:
+    """Attention-mask kind -> sliding window (None = full), per the model family's config.
+
+    Families differ only here: Mistral slides every layer over ``sliding_window``; Qwen2/Qwen3
+    name each layer's kind in ``layer_types`` and take one mask per kind; the others are full.
+    """
+    if config is None:
+        return {"full_attention": None}
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return {k: (window if k == "sliding_attention" else None) for k in set(kinds)}
+    if getattr(config, "model_type", "") == "mistral" and window:
+        return {"full_attention": window}
+    return {"full_attention": None}
+
+
+class ModelRunner:
+    """One model and its ragged KV cache: prefill and multi-token forwards at per-row positions.
+
+    Args:
+        model: a Hugging Face causal LM (or a module with the same forward contract).
+        batch: P rows.
+        capacity: T, positions per row.
+        layers: run only the first ``layers`` decoder layers (early-layer draft), or None.
+        cache: share this cache (its first layers) instead of allocating one.
+    """
+
+    #: Set on the pooled runners of :mod:`haltkit.compiled`: forwards run compiled.
+    compiled = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        capacity: int,
+        layers: int | None = None,
+        cache: RaggedKVCache | None = None,
+    ) -> None:
+        self.model = model
+        self.body, self.head = split_model(model)
+        if layers is not None:
+            self.body = truncated_body(model, layers)
+        self.num_layers = layers if layers is not None else _num_layers(model)
+        self.cache = cache if cache is not None else RaggedKVCache(self.num_layers, batch, capacity)
+        self.batch, self.capacity = batch, capacity
+        self.kinds = _mask_kinds(getattr(model, "config", None))
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    def _mask(self, positions: torch.Tensor, width: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive [P, 1, q, width] masks: key j visible to a query at position p iff j <= p."""
+        j = torch.arange(width, device=positions.device)[None, None, None, :]
+        p = positions[:, None, :, None]
+        lowest = torch.finfo(self.dtype).min
+        masks = {}
+        for kind, window in self.kinds.items():
+            ok = j <= p
+            if window is not None:
+                ok = ok & (j > p - window)
+            masks[kind] = torch.where(ok, 0.0, lowest).to(self.dtype)
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
+    def forward_at(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [P, q, V] and final hidden states [P, q, d] of ``input_ids`` [P, q] fed at
+        ``positions`` [P, q] (written into the cache there).
+
+        Positions past the capacity only occur in padding (never in a real token): they are
+        written to the trash slot and fed to the model as the last position.
+        """
+        self.cache.write_pos = positions.clamp(max=self.capacity)
+        positions = positions.clamp(max=self.capacity - 1)
+        kwargs = dict(input_ids=input_ids, attention_mask=self._mask(positions, self.cache.view_len),
+                      position_ids=positions, past_key_values=self.cache, use_cache=True)
+        if self.body is not None:
+            hidden = self.body(**kwargs).last_hidden_state
+            return self.head(hidden), hidden
+        out = self.model(output_hidden_states=True, **kwargs)
+        return out.logits, out.hidden_states[-1]
+
+    def forward(
+        self, input_ids: torch.Tensor, start: torch.Tensor, view: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``input_ids`` [P, q] at positions ``start[b] + i``; logits [P, q, V], hidden [P, q, d].
+
+        Entries are written into the cache at those positions; lengths are the caller's to move.
+        ``view`` is a host-side bound on every position + 1: eager attention reads only that many
+        cache slots (the rest would be masked anyway), so sizing it needs no device sync.
+        """
+        q = input_ids.shape[1]
+        positions = start[:, None] + torch.arange(q, device=start.device)[None, :]
+        self.cache.view_len = min(self.capacity + 1, view)
+        return self.forward_at(input_ids, positions)
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed right-padded prompts [P, T] (row b real on [0, lengths[b])) from position 0.
+
+        Returns the logits [P, V] and final hidden state [P, d] at each row's last prompt token.
+        The LM head runs on those rows only; prefill always runs eagerly (its shapes vary).
+        """
+        P, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)[None, :].expand(P, T)
+        self.cache.view_len = min(self.capacity + 1, T)
+        last = (lengths.to(torch.int64) - 1)[:, None, None]
+        if self.body is None:
+            logits, hidden = self.forward_at(input_ids, positions)
+            return (logits.gather(1, last.expand(P, 1, logits.shape[-1]))[:, 0],
+                    hidden.gather(1, last.expand(P, 1, hidden.shape[-1]))[:, 0])
+        self.cache.write_pos = positions
+        kwargs = dict(input_ids=input_ids, attention_mask=self._mask(positions, T),
+                      position_ids=positions, past_key_values=self.cache, use_cache=True)
+        hidden = self.body(**kwargs).last_hidden_state
+        h_last = hidden.gather(1, last.expand(P, 1, hidden.shape[-1]))[:, 0]
+        return self.head(h_last), h_last
+
+    def compact(self, idx: torch.Tensor) -> "ModelRunner":
+        """Keep rows ``idx`` ([n] int64), in that order; returns the runner to use from now on."""
+        self.cache.select_rows(idx)
+        self.batch = idx.shape[0]
+        return self
+
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling this runner's steps (0 for an eager runner)."""
+        return 0.0
