@@ -14,7 +14,11 @@ rule compares with the price of time: with R known, "continue while v_B(t) > lam
 the optimal stopping rule for a price lambda per token (continue iff some reachable future pays
 more than lambda per token spent). The head regresses it (mean squared error), so it predicts its
 expectation given the hidden state and the two step features; checkpoints with no reachable
-future are not targets (the budget or the model ends thinking there anyway). Each rollout gives
+future are not targets (the budget or the model ends thinking there anyway). Targets are clipped
+to [-clip, clip] (default 0.1 return per token): a price above that ends every think phase at
+once, so the exact size of larger values never changes a decision, while fitting the large
+values just before an answer appears would cost accuracy where decisions are made, near 0.
+Each rollout gives
 examples under the default budget and under ``extra_budgets`` budgets drawn below its length,
 so the head learns what a tighter budget does to the value of thinking on.
 
@@ -48,6 +52,7 @@ class HeadTrainConfig:
     hidden: int = 32
     budget: int = 320
     extra_budgets: int = 2
+    clip: float = 0.1
     val_frac: float = 0.15
     epochs: int = 80
     patience: int = 8
@@ -110,7 +115,7 @@ def build_examples(rollouts: list[Rollout], cfg: HeadTrainConfig, rng: random.Ra
             hs.append(r.hidden[n])
             ns.append(n)
             bs.append(torch.full_like(n, B))
-            vs.append(v)
+            vs.append(v.clamp(-cfg.clip, cfg.clip))
             owner.append(torch.full_like(n, i))
     return torch.cat(hs).float(), torch.cat(ns), torch.cat(bs), torch.cat(vs), torch.cat(owner)
 
