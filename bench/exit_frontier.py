@@ -33,6 +33,7 @@ import torch
 import haltkit
 from haltkit import DecodeState, Reason, SamplingParams, decode_step, pack_requests
 from haltkit.tasks import ChainSum, prompt_text
+from haltkit.tokenizer import CharTokenizer
 from haltkit.train.head import sample_problems
 from haltkit.train.rollouts import collect_rollouts, load_rollouts, think_greedy
 
@@ -206,15 +207,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--toy", default=None, help="a toy model directory (default: the shipped one)")
     ap.add_argument("--live", type=int, default=40, help="queries decoded live to check the replay")
+    ap.add_argument("--rollouts-only", action="store_true", help="collect the rollouts (before a head exists) and stop")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    toy = haltkit.load_toy(path=args.toy)
+    from transformers import LlamaForCausalLM
+
+    target = LlamaForCausalLM.from_pretrained(Path(args.toy or haltkit.models.toy_dir()) / "target").eval()
     task = ChainSum()
     problems = sample_problems(task, 5 * args.per_level, args.seed, held_out=True)
     cache = os.path.join(args.cache, f"seed{args.seed}_n{len(problems)}_think{args.max_think}")
-    rs = load_rollouts(collect_rollouts(toy.target, toy.tokenizer, task, problems, cache, 1, args.max_think))
+    rs = load_rollouts(collect_rollouts(target, CharTokenizer(), task, problems, cache, 1, args.max_think))
     t_roll = time.time() - t0
+    if args.rollouts_only:
+        return 0
+    toy = haltkit.load_toy(path=args.toy)
 
     a, o = no_exit(rs), oracle(rs)
     b = [truncation(rs, B) for B in BUDGETS]

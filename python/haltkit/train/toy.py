@@ -25,7 +25,7 @@ from ..tokenizer import CharTokenizer
 
 __all__ = [
     "ModelSpec", "TrainConfig", "MODEL_SPECS", "DEFAULT_STEPS", "build_model", "train_lm", "sample_example",
-    "save_model", "train_toy", "evaluate", "fixed_check",
+    "save_model", "train_toy", "evaluate", "fixed_check", "write_meta",
 ]
 
 
@@ -199,8 +199,11 @@ def train_toy(
             out = log or __import__("sys").stdout
             out.write(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters()),
                                   "config": asdict(cfg)}) + "\n")
-            summary[name] = train_lm(model, cfg, out, save_dir=os.path.join(os.fspath(out_dir), name))
+            summary[name] = {**train_lm(model, cfg, out, save_dir=os.path.join(os.fspath(out_dir), name)),
+                             "batch_size": cfg.batch_size, "threads": torch.get_num_threads()}
             save_model(model, os.path.join(os.fspath(out_dir), name))
+            with open(os.path.join(os.fspath(out_dir), name, "train_summary.json"), "w") as f:
+                json.dump(summary[name], f, indent=1)
     finally:
         if log is not None:
             log.close()
@@ -247,3 +250,35 @@ def fixed_check(model) -> dict:
     res = evaluate(model, problems, batch_size=CHECK_PROBLEMS)
     return {"seed": CHECK_SEED, "problems": CHECK_PROBLEMS, "accuracy": res["accuracy"],
             "think": res["think"], "correct": res["correct"]}
+
+
+def write_meta(toy_dir: str | os.PathLike, training: dict, head_metrics: dict | None = None) -> dict:
+    """Write ``toy_dir/meta.json``: how the toy models were made, and the fixed-seed check.
+
+    Args:
+        toy_dir: a directory with ``target/`` and ``draft/`` (and ``head.safetensors``).
+        training: per model name, the run's summary (steps, batch size, tokens, seconds, ...).
+        head_metrics: what :func:`haltkit.train.head.run_train_head` returned, or None.
+    Returns:
+        The metadata written.
+    """
+    from transformers import LlamaForCausalLM
+
+    tok = CharTokenizer()
+    target = LlamaForCausalLM.from_pretrained(os.path.join(os.fspath(toy_dir), "target")).eval()
+    meta = {
+        "models": {name: {"spec": asdict(MODEL_SPECS[name]), "seed": 0, "steps_batch": DEFAULT_STEPS[name],
+                          **training.get(name, {})} for name in MODEL_SPECS},
+        "tokenizer": {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
+                      "exit_tokens": list(tok.exit_tokens), "exit_text": "</think>A:"},
+        "check": fixed_check(target),
+    }
+    if head_metrics is not None:
+        meta["head"] = {k: head_metrics[k] for k in ("config", "best_epoch", "rollouts", "every", "max_think",
+                                                     "rollout_accuracy") if k in head_metrics}
+        meta["head"]["val"] = {k: head_metrics["val"][k] for k in ("mse", "target_var", "auroc_stop_loses_nothing",
+                                                                   "examples")}
+        meta["head"]["val"]["reliability_gap"] = head_metrics["val"]["reliability"]["weighted_gap"]
+    with open(os.path.join(os.fspath(toy_dir), "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
