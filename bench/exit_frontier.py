@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--toy", default=None, help="a toy model directory (default: the shipped one)")
     ap.add_argument("--live", type=int, default=40, help="queries decoded live to check the replay")
     ap.add_argument("--rollouts-only", action="store_true", help="collect the rollouts (before a head exists) and stop")
+    ap.add_argument("--worker", type=int, default=0, help="with --rollouts-only: this process's share of the shards")
+    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -217,10 +219,12 @@ def main(argv=None) -> int:
     task = ChainSum()
     problems = sample_problems(task, 5 * args.per_level, args.seed, held_out=True)
     cache = os.path.join(args.cache, f"seed{args.seed}_n{len(problems)}_think{args.max_think}")
-    rs = load_rollouts(collect_rollouts(target, CharTokenizer(), task, problems, cache, 1, args.max_think))
+    paths = collect_rollouts(target, CharTokenizer(), task, problems, cache, 1, args.max_think, shard_size=16,
+                             worker=args.worker, workers=args.workers)
     t_roll = time.time() - t0
     if args.rollouts_only:
         return 0
+    rs = load_rollouts(paths)
     toy = haltkit.load_toy(path=args.toy)
 
     a, o = no_exit(rs), oracle(rs)

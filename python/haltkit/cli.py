@@ -96,7 +96,11 @@ def _train_head(args: argparse.Namespace) -> int:
 
         args.model = str(toy_dir() / "target")
     cfg = HeadTrainConfig(hidden=args.hidden, seed=args.seed)
-    metrics = run_train_head(args.model, args.out, task, args.prompts, args.every, args.max_think, cfg, sys.stdout)
+    metrics = run_train_head(args.model, args.out, task, args.prompts, args.every, args.max_think, cfg, sys.stdout,
+                             args.worker, args.workers)
+    if metrics is None:
+        print(f"worker {args.worker}/{args.workers}: rollout shards collected; run with --workers 1 to fit the head")
+        return 0
     val = metrics["val"]
     print(f"val mse {val['mse']:.3g} (target variance {val['target_var']:.3g}), "
           f"AUROC(stop loses nothing) {val['auroc_stop_loses_nothing']:.3f}, best epoch {metrics['best_epoch']}")
@@ -133,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     th.add_argument("--hidden", type=int, default=32, help="head MLP width (0 = linear)")
     th.add_argument("--seed", type=int, default=0)
     th.add_argument("--threads", type=int, default=2)
+    th.add_argument("--worker", type=int, default=0, help="this process's share of the rollout shards")
+    th.add_argument("--workers", type=int, default=1, help="processes sharing the rollouts (1: also fit the head)")
     th.set_defaults(func=_train_head)
     args = parser.parse_args(argv)
     return args.func(args)

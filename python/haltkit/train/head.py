@@ -239,12 +239,14 @@ def sample_problems(task, count: int, seed: int, held_out: bool = False) -> list
 
 def run_train_head(
     model_dir: str, out_dir: str, task, prompts: int = 1000, every: int = 2, max_think: int = 320,
-    cfg: HeadTrainConfig = HeadTrainConfig(), log=None,
-) -> dict:
+    cfg: HeadTrainConfig = HeadTrainConfig(), log=None, worker: int = 0, workers: int = 1,
+) -> dict | None:
     """Roll out a model on a task, fit the head and write ``out_dir/head.safetensors``.
 
     Rollouts go to ``out_dir/rollouts/`` (a rerun resumes them); metrics to
-    ``out_dir/head_metrics.json``. Returns the metrics.
+    ``out_dir/head_metrics.json``. With ``workers > 1`` this process only collects its share of
+    the rollout shards and returns None; a final run with ``workers == 1`` fits the head.
+    Returns the metrics.
     """
     import os
 
@@ -256,7 +258,10 @@ def run_train_head(
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = CharTokenizer()
     problems = sample_problems(task, prompts, cfg.seed)
-    paths = collect_rollouts(model, tok, task, problems, os.path.join(out_dir, "rollouts"), every, max_think, log=log)
+    paths = collect_rollouts(model, tok, task, problems, os.path.join(out_dir, "rollouts"), every, max_think,
+                             log=log, worker=worker, workers=workers)
+    if workers > 1:
+        return None
     rollouts = load_rollouts(paths)
     head, metrics = train_head(rollouts, HeadTrainConfig(**{**asdict(cfg), "budget": max_think}), log)
     head.save(os.path.join(out_dir, "head.safetensors"))

@@ -232,7 +232,7 @@ def _save_shard(path: str, rollouts: list[Rollout]) -> None:
 
 def collect_rollouts(
     model, tok: CharTokenizer, task, problems: list[Problem], out_dir: str | os.PathLike,
-    every: int = 2, max_think: int = 320, shard_size: int = 64, log=None,
+    every: int = 2, max_think: int = 320, shard_size: int = 64, log=None, worker: int = 0, workers: int = 1,
 ) -> list[str]:
     """Roll out every problem and store the results in shards under ``out_dir`` (resumable).
 
@@ -242,6 +242,8 @@ def collect_rollouts(
         problems: the prompts, in a fixed order (shard k holds problems [k*shard_size, ...)).
         every: checkpoint spacing s in think tokens.
         max_think: the thinking budget of the rollouts.
+        worker, workers: this process collects only the missing shards k with
+            ``k % workers == worker``, so several processes can share one collection.
     Returns:
         The shard paths, in order.
     """
@@ -250,7 +252,7 @@ def collect_rollouts(
     for k in range(math.ceil(len(problems) / shard_size)):
         path = os.path.join(os.fspath(out_dir), f"shard_{k:05d}.safetensors")
         paths.append(path)
-        if os.path.exists(path):
+        if os.path.exists(path) or k % workers != worker:
             continue
         batch = problems[k * shard_size : (k + 1) * shard_size]
         _save_shard(path, rollout_batch(model, tok, task, batch, every, max_think))
