@@ -11,8 +11,9 @@ setup(
     packages=["haltkit", "haltkit.reference", "haltkit.kernels", "haltkit.train", "haltkit.models", "haltkit.vllm"],
     # The toy reasoning models (target, draft, value head) ship inside the package.
     package_data={"haltkit.models": ["toy/meta.json", "toy/head.safetensors", "toy/target/*", "toy/draft/*"]},
-    # torch is a floor only, so a GPU user keeps the build they already have.
-    install_requires=["torch>=2.4", "numpy", "safetensors"],
+    # torch is a floor only, so a GPU user keeps the build they already have. transformers runs
+    # haltkit.generate's models and the demo (`pip install -e . && haltkit demo` must work).
+    install_requires=["torch>=2.4", "numpy", "safetensors", "transformers>=4.56"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-xdist", "hypothesis", "triton>=3.0", "numpy", "scipy", "transformers>=4.56"],

@@ -1,9 +1,8 @@
-"""The ``haltkit`` command line: ``haltkit demo`` and ``haltkit backends``."""
+"""The ``haltkit`` command line: ``demo``, ``generate``, ``backends``, ``train-toy``, ``train-head``."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Sequence
 
@@ -13,59 +12,15 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """A small batched decode on CPU with a random-weight recurrent toy model.
+    from .cli_engine import run_demo
 
-    Each request has its own price of time; the table shows how each sequence ended.
-    """
-    from . import DecodeState, ExitPolicy, MarginalValueHead, Reason, SamplingParams, decode_step, pack_requests
+    return run_demo(args)
 
-    g = torch.Generator().manual_seed(args.seed)
-    V, d = 64, 32
-    emb = torch.randn(V, d, generator=g) / math.sqrt(d)
-    rec = torch.randn(d, d, generator=g) / math.sqrt(d)
-    head = MarginalValueHead(d, hidden=16)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    lambdas = [None, -0.5, 0.0, 0.5]
-    B = len(lambdas)
-    think_end, answer = 2, 3  # toy ids of "</think>" and an answer prefix
-    sampling = [SamplingParams(temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, seed=args.seed + i) for i in range(B)]
-    exits = [
-        ExitPolicy(cost_of_time=lam, patience=2, min_new_tokens=4, max_new_tokens=args.max_new_tokens,
-                   eos_token_ids=(1,), thinking_budget=args.max_new_tokens // 2, exit_tokens=(think_end, answer))
-        for lam in lambdas
-    ]
-    req = pack_requests(sampling, exits, V)
-    state = DecodeState.new(B)
-    h = torch.zeros(B, d)
-    tok = torch.zeros(B, dtype=torch.long)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    values: list[list[float]] = [[] for _ in range(B)]
-    for _ in range(args.max_new_tokens):
-        h = torch.tanh(h @ rec + emb[tok.clamp(min=0)])
-        logits = 4.0 * h @ emb.T
-        out = decode_step(logits, h, req, state, head, backend=args.backend)
-        for b in range(B):
-            if out.tokens[b] >= 0:
-                tokens[b].append(int(out.tokens[b]))
-            if not math.isnan(out.values[b]):
-                values[b].append(float(out.values[b]))
-        tok = out.tokens
-        if int(out.num_active) == 0:
-            break
 
-    print(f"{'seq':>3} {'lambda':>7} {'steps':>5} {'think':>5} {'think end':>9} {'finish':>7} "
-          f"{'value min/mean/max':>20}  tokens")
-    for b in range(B):
-        v = torch.tensor(values[b])
-        lam = "off" if lambdas[b] is None else f"{lambdas[b]:+.2f}"
-        vs = f"{v.min():+.2f}/{v.mean():+.2f}/{v.max():+.2f}" if len(v) else "-"
-        shown = " ".join(map(str, tokens[b][:16])) + (" ..." if len(tokens[b]) > 16 else "")
-        print(f"{b:>3} {lam:>7} {int(state.num_generated[b]):>5} {int(state.think_tokens[b]):>5} "
-              f"{Reason(int(state.think_end[b])).name.lower():>9} "
-              f"{Reason(int(state.finish_reason[b])).name.lower():>7} {vs:>20}  {shown}")
-    return 0
+def _generate(args: argparse.Namespace) -> int:
+    from .cli_engine import run_generate
+
+    return run_generate(args)
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -111,11 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``haltkit`` command."""
     parser = argparse.ArgumentParser(prog="haltkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a small batched early-exit decode on CPU")
+    demo = sub.add_parser("demo", help="haltkit.generate on the shipped toy model: value exits and a draft")
     demo.add_argument("--backend", default="auto")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    gen = sub.add_parser("generate", help="generate from a local checkpoint with value exits and speculation")
+    from .cli_engine import add_generate_args
+
+    add_generate_args(gen)
+    gen.set_defaults(func=_generate)
     be = sub.add_parser("backends", help="which backends are available here, and why not")
     be.set_defaults(func=_backends)
     toy = sub.add_parser("train-toy", help="train the toy reasoning target and draft models on CPU")

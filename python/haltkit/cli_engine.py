@@ -1,0 +1,140 @@
+"""The engine's command-line subcommands: ``haltkit generate`` and ``haltkit demo``.
+
+``haltkit generate`` loads a local checkpoint directory (weights, config and tokenizer, as
+``save_pretrained`` writes them; nothing is fetched from the hub) and runs
+:func:`haltkit.generate` on the prompts given. ``haltkit demo`` runs it on the shipped toy
+reasoning model (:func:`haltkit.load_toy`) with its draft and value head, several prices of time
+in one batch; without the toy files it falls back to a random-weight Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+import torch
+
+__all__ = ["add_generate_args", "run_generate", "run_demo"]
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``haltkit generate``."""
+    p.add_argument("--model", required=True, help="a local checkpoint directory (config, weights, tokenizer)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--value-head", default=None, help="a value head saved by MarginalValueHead.save")
+    p.add_argument("--cost-of-time", type=float, default=None, help="lambda: the price of one more step")
+    p.add_argument("--patience", type=int, default=1)
+    p.add_argument("--thinking-budget", type=int, default=None)
+    p.add_argument("--exit-text", default=None, help="text forced at a thinking exit, e.g. '</think>A:'")
+    p.add_argument("--draft", default=None, help="a draft checkpoint directory, 'ngram' or 'layer:L'")
+    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="compile the decode step (slow first call)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _load_local(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """``haltkit generate``: load, generate, print the result table (or JSON)."""
+    import os
+
+    from . import DraftModel, EarlyLayerDraft, ExitPolicy, MarginalValueHead, PromptLookup, SamplingParams, generate
+
+    model, tok = _load_local(args.model)
+    head = MarginalValueHead.load(args.value_head) if args.value_head else None
+    if args.draft is None:
+        draft = None
+    elif args.draft == "ngram":
+        draft = PromptLookup(max_len=args.draft_len)
+    elif args.draft.startswith("layer:"):
+        draft = EarlyLayerDraft(int(args.draft.split(":", 1)[1]), max_len=args.draft_len)
+    elif os.path.isdir(args.draft):
+        draft = DraftModel(_load_local(args.draft)[0], max_len=args.draft_len)
+    else:
+        raise SystemExit(f"--draft {args.draft!r}: not a directory, 'ngram' or 'layer:L'")
+    eos = tok.eos_token_id
+    exit_tokens = tuple(tok.encode(args.exit_text, add_special_tokens=False)) if args.exit_text else ()
+    policy = ExitPolicy(cost_of_time=args.cost_of_time, patience=args.patience, max_new_tokens=args.max_new_tokens,
+                        eos_token_ids=() if eos is None else (eos,), thinking_budget=args.thinking_budget,
+                        exit_tokens=exit_tokens)
+    sampling = [SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed + i)
+                for i in range(len(args.prompt))]
+    res = generate(model, prompts=args.prompt, tokenizer=tok, value_head=head, exit=policy, sampling=sampling,
+                   draft=draft, compile=args.compile, backend=args.backend)
+    print(json.dumps(res.to_dict(), indent=1) if args.json else res)
+    return 0
+
+
+def _toy_or_random(seed: int):
+    """(target, draft, head, tokenizer, prompts, answers, exit policy factory, shipped?)."""
+    from . import ExitPolicy, MarginalValueHead, load_toy
+
+    try:
+        toy = load_toy()
+    except FileNotFoundError:
+        toy = None
+    if toy is not None:
+        from .tasks import ChainSum, prompt_text
+
+        rng = random.Random(seed)
+        problems = [ChainSum().sample(rng, d, held_out=True) for d in (1, 2, 3, 4, 5, 3)]
+        prompts = [prompt_text(p) for p in problems]
+        return (toy.target, toy.draft, toy.head, toy.tokenizer, prompts, [p.answer for p in problems],
+                lambda lam: toy.exit_policy(cost_of_time=lam), True)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=tok.vocab_size, intermediate_size=128, num_attention_heads=4, max_position_embeddings=256)
+    target = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=4, **cfg)).eval()
+    draft = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, **cfg)).eval()
+    head = MarginalValueHead(64, hidden=16)
+    prompts = [f"Q:{a}+{b}<think>" for a, b in ((3, 4), (12, 30), (7, 8), (50, 25), (1, 1), (9, 90))]
+
+    def policy(lam):
+        return ExitPolicy(cost_of_time=lam, patience=2, max_new_tokens=48, eos_token_ids=(tok.eos_id,),
+                          thinking_budget=40, exit_tokens=tok.exit_tokens)
+
+    return target, draft, head, tok, prompts, [None] * len(prompts), policy, False
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``haltkit demo``: one batched ``haltkit.generate`` with value exits and a draft model."""
+    from . import DraftModel, SamplingParams, generate
+    from .tasks import parse_answer
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    target, draft, head, tok, prompts, answers, policy, shipped = _toy_or_random(args.seed)
+    if not shipped:
+        print("(the shipped toy models are missing: running a random-weight Llama instead)")
+    lambdas = [None, 0.0, 0.002, 0.01, 0.05, 0.2][: len(prompts)]
+    sampling = [SamplingParams(temperature=0.0 if i % 2 == 0 else 0.7, top_p=0.95, seed=args.seed + i)
+                for i in range(len(prompts))]
+    res = generate(target, prompts=prompts, tokenizer=tok, value_head=head, exit=[policy(lam) for lam in lambdas],
+                   sampling=sampling, draft=DraftModel(draft, max_len=4), backend=args.backend)
+    print(res)
+    print()
+    print(f"{'seq':>3} {'lambda':>7} {'tokens':>6} {'finish':>7} {'answer':>8} {'expected':>8}")
+    for b, lam in enumerate(lambdas):
+        got = parse_answer(res.text[b])
+        lam_s = "off" if lam is None else f"{lam:g}"
+        print(f"{b:>3} {lam_s:>7} {res.num_steps[b]:>6} {res.finish_reason[b]:>7} {got[:8]:>8} {answers[b] or '-':>8}")
+    acc = res.mean_accepted_length
+    print(f"\ndraft tokens accepted per verification: {acc:.2f}" if not math.isnan(acc) else "")
+    return 0

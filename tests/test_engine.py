@@ -1,0 +1,339 @@
+"""haltkit.generate end to end on tiny random-weight models: lossless against Hugging Face's
+generate, speculation and compaction that never change the output, value exits at a known step,
+and bad input refused before any model work."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import haltkit
+from haltkit import DraftModel, EarlyLayerDraft, ExitPolicy, MarginalValueHead, PromptLookup, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+V = 111  # odd, so nothing lines up with a power of two
+PAD = 0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(family: str, seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = V) -> nn.Module:
+    """A random-weight causal LM of ``family`` small enough to run many steps in milliseconds."""
+    t = transformers
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
+    if family == "llama":
+        cfg = t.LlamaConfig(**common)
+        cls = t.LlamaForCausalLM
+    elif family == "qwen2":  # layer 0 full, layer 1 sliding: one mask per layer kind
+        cfg = t.Qwen2Config(use_sliding_window=True, sliding_window=6, max_window_layers=1, **common)
+        cls = t.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg = t.Qwen3Config(head_dim=8, **common)
+        cls = t.Qwen3ForCausalLM
+    elif family == "mistral":  # every layer slides over 6 positions, shorter than the sequences
+        cfg = t.MistralConfig(sliding_window=6, **common)
+        cls = t.MistralForCausalLM
+    elif family == "gpt2":
+        cfg = t.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
+                           pad_token_id=PAD)
+        cls = t.GPT2LMHeadModel
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+def ragged_prompts(B: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 7, 3, 5, 2, 6, 4][:B] if B > 1 else [5]
+    return [torch.randint(1, V, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_generate(model: nn.Module, prompts: list[list[int]], max_new: int, eos: int | None) -> list[list[int]]:
+    """Hugging Face greedy generate on left-padded prompts; each row cut after its EOS."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), PAD)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0, do_sample=False,
+                         pad_token_id=PAD, eos_token_id=eos)
+    rows = []
+    for row in out[:, T:].tolist():
+        cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
+        rows.append(row[:cut])
+    return rows
+
+
+def greedy(max_new: int, eos: int | None = None, **kw) -> ExitPolicy:
+    return ExitPolicy(max_new_tokens=max_new, eos_token_ids=() if eos is None else (eos,), **kw)
+
+
+# -- lossless against Hugging Face ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
+@pytest.mark.parametrize("B", [1, 4, 7])
+def test_greedy_matches_hf_generate_token_for_token(family, B):
+    model = tiny(family)
+    prompts = ragged_prompts(B)
+    max_new = 14
+    # EOS is a token the first row really emits at step 3, so rows finish early and leave the batch.
+    eos = haltkit.generate(model, prompts[:1], exit=greedy(max_new)).tokens[0][3]
+    want = hf_generate(model, prompts, max_new, eos)
+    res = haltkit.generate(model, prompts, exit=greedy(max_new, eos))
+    assert res.tokens == want
+    assert res.finish_reason == ["eos" if t[-1] == eos else "length" for t in want]
+    assert res.num_steps == [len(t) for t in want]
+
+
+def test_tensor_input_with_left_or_right_padding_equals_ragged_lists():
+    model = tiny("llama")
+    prompts = ragged_prompts(4)
+    want = haltkit.generate(model, prompts, exit=greedy(6)).tokens
+    T = max(map(len, prompts))
+    for left in (True, False):
+        ids = torch.full((4, T), PAD)
+        mask = torch.zeros(4, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            sl = slice(T - len(p), T) if left else slice(0, len(p))
+            ids[b, sl] = torch.tensor(p)
+            mask[b, sl] = 1
+        assert haltkit.generate(model, ids, attention_mask=mask, exit=greedy(6)).tokens == want
+
+
+def test_plain_module_with_the_forward_contract_runs_like_the_hf_model():
+    class Plain(nn.Module):
+        """No base_model / output embeddings: only Hugging Face's forward arguments and outputs."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    model = tiny("llama")
+    prompts = ragged_prompts(3)
+    assert haltkit.generate(Plain(model), prompts, exit=greedy(8)).tokens == \
+        haltkit.generate(model, prompts, exit=greedy(8)).tokens
+
+
+# -- speculation never changes the output -----------------------------------------------------------
+
+def draft_sources(family: str):
+    small = tiny(family, seed=7, layers=1, hidden=16)
+    return {
+        "draft-model": DraftModel(small, max_len=3),
+        "draft-model-adaptive": DraftModel(small, max_len=4, adaptive=True),
+        "prompt-lookup": PromptLookup(max_len=3),
+        "early-layer": EarlyLayerDraft(1, max_len=3),
+        "early-layer-adaptive": EarlyLayerDraft(1, max_len=4, adaptive=True),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_draft_source_gives_identical_greedy_output(family):
+    model = tiny(family)
+    # Repetitive prompts so prompt lookup finds matches; a short one to exercise ragged drafts.
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10], [3, 4, 3, 4, 3], [8]]
+    base = haltkit.generate(model, prompts, exit=greedy(16))
+    for name, source in draft_sources(family).items():
+        res = haltkit.generate(model, prompts, exit=greedy(16), draft=source)
+        assert res.tokens == base.tokens, name
+        assert all(d > 0 for d in res.drafted) or name == "prompt-lookup", name
+        assert res.target_forwards <= base.target_forwards, name
+    same = haltkit.generate(model, prompts, exit=greedy(16), draft=DraftModel(model, max_len=4))
+    assert same.tokens == base.tokens
+    assert same.accepted == same.drafted  # the target drafting for itself is always right
+
+
+def sampled(B: int) -> list[SamplingParams]:
+    return [SamplingParams(temperature=[0.7, 1.0, 1.3][b % 3], top_p=[1.0, 0.9][b % 2], top_k=[0, 20][b % 2],
+                           seed=1000 + 17 * b) for b in range(B)]
+
+
+def test_seeded_sampling_is_identical_with_and_without_speculation():
+    model = tiny("llama")
+    prompts = ragged_prompts(4)
+    base = haltkit.generate(model, prompts, exit=greedy(12), sampling=sampled(4))
+    for name, source in draft_sources("llama").items():
+        res = haltkit.generate(model, prompts, exit=greedy(12), sampling=sampled(4), draft=source)
+        assert res.tokens == base.tokens, name
+    # A model drafting for itself samples with the target's own rule: every draft is accepted.
+    same = haltkit.generate(model, prompts, exit=greedy(12), sampling=sampled(4), draft=DraftModel(model))
+    assert same.tokens == base.tokens and same.accepted == same.drafted
+
+
+def test_a_sequence_does_not_depend_on_its_batch_companions():
+    model = tiny("llama")
+    prompts = ragged_prompts(5)
+    params = sampled(5)
+    together = haltkit.generate(model, prompts, exit=greedy(12), sampling=params)
+    for b in (0, 3):
+        alone = haltkit.generate(model, [prompts[b]], exit=greedy(12), sampling=[params[b]])
+        assert alone.tokens[0] == together.tokens[b]
+        spec = haltkit.generate(model, [prompts[b]], exit=greedy(12), sampling=[params[b]], draft="layer:1")
+        assert spec.tokens[0] == together.tokens[b]
+
+
+def test_rejection_sampling_keeps_greedy_rows_lossless():
+    model = tiny("llama")
+    prompts = ragged_prompts(3)
+    base = haltkit.generate(model, prompts, exit=greedy(10))
+    small = tiny("llama", seed=7, layers=1, hidden=16)
+    res = haltkit.generate(model, prompts, exit=greedy(10), draft=DraftModel(small), method="rejection")
+    assert res.tokens == base.tokens
+    mixed = haltkit.generate(model, prompts, exit=greedy(10), sampling=sampled(3), draft=DraftModel(small),
+                             method="rejection")
+    assert all(len(t) == 10 and all(0 <= x < V for x in t) for t in mixed.tokens)
+
+
+# -- value exits and compaction ---------------------------------------------------------------------
+
+def countdown_head(d: int, budget: int, start: float = 100.0) -> MarginalValueHead:
+    """A head whose value at step n is exactly ``start - n`` (it reads only the budget fraction)."""
+    head = MarginalValueHead(d)
+    with torch.no_grad():
+        head.w1.zero_()
+        head.w1[0, -1] = -budget
+        head.b1.fill_(start)
+    return head
+
+
+@pytest.mark.parametrize("draft", [None, "layer:1", "ngram"])
+def test_value_exit_ends_exactly_those_sequences_at_the_known_step(draft):
+    model = tiny("llama")
+    budget, patience = 16, 3
+    head = countdown_head(32, budget)
+    prompts = ragged_prompts(5)
+    # Sequence b's value drops below its lambda from step k_b on; with patience 3 it exits at
+    # step k_b + 2 without emitting (no exit tokens), or switches to forced exit tokens.
+    ks = [None, 2, 6, None, 0]
+    exits = [greedy(budget, cost_of_time=None if k is None else 100.0 - k + 0.5, patience=patience,
+                    exit_tokens=(100, 101) if b == 4 else ()) for b, k in enumerate(ks)]
+    res = haltkit.generate(model, prompts, exit=exits, value_head=head, draft=draft)
+    base = haltkit.generate(model, prompts, exit=greedy(budget))
+    for b, k in enumerate(ks):
+        if k is None:
+            assert res.tokens[b] == base.tokens[b] and res.finish_reason[b] == "length"
+            assert res.think_end[b] == "none"
+        elif b == 4:  # exit tokens: forced at step k + patience - 1, then sampling resumes
+            stop = k + patience - 1
+            assert res.tokens[b][:stop] == base.tokens[b][:stop]
+            assert res.tokens[b][stop:stop + 2] == [100, 101]
+            assert res.think_end[b] == "value" and res.num_steps[b] == budget
+        else:
+            stop = k + patience - 1
+            assert res.tokens[b] == base.tokens[b][:stop]
+            assert (res.finish_reason[b], res.think_end[b], res.num_steps[b]) == ("value", "value", stop)
+            assert res.values[b] == [100.0 - n for n in range(stop + 1)]
+
+
+def test_patience_resets_when_the_value_recovers():
+    model = tiny("llama")
+    budget = 12
+    head = countdown_head(32, budget)
+    # lambda 97.5: below from step 3; patience 20 never reached within the budget.
+    res = haltkit.generate(model, ragged_prompts(2), value_head=head, exit=greedy(budget, cost_of_time=97.5,
+                                                                                   patience=20))
+    assert res.finish_reason == ["length", "length"]
+    res = haltkit.generate(model, ragged_prompts(2), value_head=head,
+                           exit=greedy(budget, cost_of_time=97.5, patience=4, min_new_tokens=5))
+    assert res.num_steps == [8, 8]  # counting starts at step 5 (min_new_tokens), fires at 8
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+class _Tok:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def encode(self, text):
+        return [1 + ord(c) % 50 for c in text]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("tokenizer_vocab", "tokenizer has 500 tokens but the model's vocabulary has 111"),
+    ("head_size", "value head reads hidden states of size 48 but the model's final hidden state has size 32"),
+    ("prompt_too_long", "sequence 1: a prompt of 60 tokens plus max_new_tokens=8 needs 68 positions"),
+    ("empty_prompt", "prompt 1 is empty"),
+    ("draft_vocab", "draft model's vocabulary has 120 entries but the target's has 111"),
+    ("token_out_of_vocab", "prompt 0 has token id 111 outside the model's vocabulary"),
+    ("early_layer_too_deep", r"layers must be an int in \[1, 2\)"),
+])
+def test_bad_input_raises_a_clear_error_before_any_work(case, match):
+    model = tiny("llama")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    kw = dict(exit=greedy(8))
+    prompts = [[1, 2], [3, 4, 5]]
+    if case == "tokenizer_vocab":
+        kw.update(prompts=["ab", "cd"], tokenizer=_Tok(500))
+        prompts = None
+    elif case == "head_size":
+        kw["value_head"] = MarginalValueHead(48)
+    elif case == "prompt_too_long":
+        prompts[1] = [1] * 60
+    elif case == "empty_prompt":
+        prompts[1] = []
+    elif case == "draft_vocab":
+        kw["draft"] = tiny("llama", vocab=120)
+    elif case == "token_out_of_vocab":
+        prompts[0] = [V]
+    elif case == "early_layer_too_deep":
+        kw["draft"] = "layer:2"
+    with pytest.raises((ValueError, TypeError), match=match):
+        haltkit.generate(model, prompts, **kw)
+    assert calls == []
+
+
+# -- result, CLI, compile, benchmark ----------------------------------------------------------------
+
+def test_result_reports_reasons_timings_and_serialises():
+    model = tiny("llama")
+    head = countdown_head(32, 10)
+    res = haltkit.generate(model, ragged_prompts(2), value_head=head, draft="layer:1",
+                           exit=[greedy(10), greedy(10, cost_of_time=97.5)])
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["finish_reason"] == ["length", "value"] and d["num_steps"] == [10, 3]
+    assert set(d["timings"]) >= {"prefill", "decode", "compile", "total", "tokens_per_s"}
+    assert res.timings["compile"] == 0.0 and res.target_forwards >= 2
+    text = repr(res)
+    assert "value" in text and "length" in text and "tok/s" in text
+
+
+def test_cli_generate_runs_a_local_checkpoint(tmp_path, capsys):
+    from haltkit.cli import main
+    from haltkit.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model = tiny("llama", vocab=tok.vocab_size)
+    model.config.eos_token_id = tok.eos_id
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    head = countdown_head(32, 12)
+    head.save(tmp_path / "head.safetensors")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "Q:1+2<think>", "--prompt", "Q:7<think>",
+                 "--max-new-tokens", "12", "--value-head", str(tmp_path / "head.safetensors"),
+                 "--cost-of-time", "97.5", "--patience", "2", "--exit-text", "</think>A:", "--draft", "ngram",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["think_end"] == ["value", "value"]
+    # Below lambda from step 3, patience 2: the exit text is forced from step 4 on.
+    assert all(t[4:7] == list(tok.exit_tokens) for t in out["tokens"])
