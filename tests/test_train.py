@@ -163,7 +163,8 @@ def test_head_trained_where_the_answer_completes_at_a_fixed_step_exits_there():
         exits[newly] = n
         if int(out.num_active) == 0:
             break
-    assert exits.min() >= answer_at and exits.max() <= answer_at + 1, exits.tolist()
+    assert exits.min() >= answer_at and exits.max() <= answer_at + 2, exits.tolist()
+    assert exits.float().mean() <= answer_at + 1, exits.tolist()
 
 
 # ---------------------------------------------------------------- rollouts and the pipeline

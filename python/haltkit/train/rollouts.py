@@ -232,7 +232,7 @@ def _save_shard(path: str, rollouts: list[Rollout]) -> None:
 
 def collect_rollouts(
     model, tok: CharTokenizer, task, problems: list[Problem], out_dir: str | os.PathLike,
-    every: int = 2, max_think: int = 320, shard_size: int = 64, log=None, worker: int = 0, workers: int = 1,
+    every: int = 2, max_think: int = 320, shard_size: int = 32, log=None, worker: int = 0, workers: int = 1,
 ) -> list[str]:
     """Roll out every problem and store the results in shards under ``out_dir`` (resumable).
 
