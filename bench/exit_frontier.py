@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     budget_rows = []
     patience = star["patience"] or 2
     for target in (16, 32, 48, 64, 96):
-        caps = sorted({min(c, args.max_think) for c in (target, 2 * target, 4 * target, args.max_think)})
-        settings = [(lam, patience, cap) for cap in caps for lam in LAMBDAS]
+        caps = sorted({min(c, args.max_think) for c in (target, 2 * target, args.max_think)})
+        settings = [(lam, patience, cap) for cap in caps for lam in LAMBDAS[::2] + [star["cost_of_time"] or LAMBDAS[0]]]
         exits = replay_value_exits(rs, toy.head, toy, settings)
         pts = [point(rs, ex, [0] * len(rs), "(e)", cost_of_time=lam, cap=cap) for (lam, _, cap), ex in zip(settings, exits)]
         tr = truncation(rs, target)

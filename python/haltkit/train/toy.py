@@ -24,7 +24,7 @@ from ..tasks import DIFFICULTIES, ChainSum, forced_exit_text, prompt_text, trace
 from ..tokenizer import CharTokenizer
 
 __all__ = [
-    "ModelSpec", "TrainConfig", "MODEL_SPECS", "DEFAULT_STEPS", "build_model", "train_lm", "sample_example",
+    "ModelSpec", "TrainConfig", "MODEL_SPECS", "DEFAULT_RUNS", "build_model", "train_lm", "sample_example",
     "save_model", "train_toy", "evaluate", "fixed_check", "write_meta",
 ]
 
@@ -40,8 +40,10 @@ class ModelSpec:
     max_position_embeddings: int = 512
 
 
-#: (steps, batch size) of the shipped runs, sized to the CPU the build machine could spare.
-DEFAULT_STEPS = {"target": (600, 32), "draft": (1000, 64)}
+#: The shipped runs' schedules, sized to the CPU the build machine could spare: the target's
+#: weights are those after 500 steps of a 600-step schedule (the machine's time ran out).
+DEFAULT_RUNS = {"target": {"steps": 600, "batch_size": 32, "stop_after": 500},
+                "draft": {"steps": 1000, "batch_size": 64}}
 #: The shipped shapes: a ~1.08M-parameter target and a ~0.2M-parameter draft.
 MODEL_SPECS = {
     "target": ModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4),
@@ -54,6 +56,7 @@ class TrainConfig:
     """Optimisation settings of one LM run (defaults are the shipped run's)."""
 
     steps: int = 1000
+    stop_after: int | None = None  # stop early on the same schedule (None: run all steps)
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 50
@@ -140,7 +143,8 @@ def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int 
 
     model.train()
     start, tokens, ema = time.time(), 0, None
-    for step, (ids, labels) in zip(range(cfg.steps), _batches(tok, cfg)):
+    last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    for step, (ids, labels) in zip(range(last), _batches(tok, cfg)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_id).long(), labels=labels).loss
@@ -150,7 +154,7 @@ def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int 
         opt.step()
         tokens += int((ids != tok.pad_id).sum())
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
+        if log is not None and (step % log_every == 0 or step == last - 1):
             el = time.time() - start
             log.write(json.dumps({"step": step, "loss": round(ema, 4), "lr": lr_at(step),
                                   "tokens": tokens, "seconds": round(el, 1), "tok_per_s": round(tokens / el)}) + "\n")
@@ -158,7 +162,7 @@ def train_lm(model, cfg: TrainConfig, log: TextIO | None = None, log_every: int 
         if save_dir is not None and step % save_every == save_every - 1:
             save_model(model, save_dir)
     model.eval()
-    return {"steps": cfg.steps, "final_loss_ema": ema, "tokens": tokens, "seconds": time.time() - start}
+    return {"steps": last, "final_loss_ema": ema, "tokens": tokens, "seconds": time.time() - start}
 
 
 def save_model(model, directory: str | os.PathLike) -> None:
@@ -194,8 +198,8 @@ def train_toy(
             if name not in MODEL_SPECS:
                 raise ValueError(f"unknown toy model {name!r}; expected one of {sorted(MODEL_SPECS)}")
             model = build_model(MODEL_SPECS[name], tok.vocab_size, seed + (name == "draft"))
-            default_steps, batch_size = DEFAULT_STEPS[name]
-            cfg = TrainConfig(seed=seed, steps=default_steps if steps is None else steps, batch_size=batch_size)
+            run = dict(DEFAULT_RUNS[name]) if steps is None else {"steps": steps}
+            cfg = TrainConfig(seed=seed, **run)
             out = log or __import__("sys").stdout
             out.write(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters()),
                                   "config": asdict(cfg)}) + "\n")
@@ -267,7 +271,7 @@ def write_meta(toy_dir: str | os.PathLike, training: dict, head_metrics: dict | 
     tok = CharTokenizer()
     target = LlamaForCausalLM.from_pretrained(os.path.join(os.fspath(toy_dir), "target")).eval()
     meta = {
-        "models": {name: {"spec": asdict(MODEL_SPECS[name]), "seed": 0, "steps_batch": DEFAULT_STEPS[name],
+        "models": {name: {"spec": asdict(MODEL_SPECS[name]), "seed": 0, "run": DEFAULT_RUNS[name],
                           **training.get(name, {})} for name in MODEL_SPECS},
         "tokenizer": {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
                       "exit_tokens": list(tok.exit_tokens), "exit_text": "</think>A:"},
