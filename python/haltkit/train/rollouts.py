@@ -112,12 +112,13 @@ def think_greedy(model, tok: CharTokenizer, problems: list[Problem], max_think: 
     while True:
         thinking = (state.phase == 0).tolist()
         out = decode_step(logits, h if head is not None else None, req, state, head, backend="torch")
+        emitted, ended = out.tokens.tolist(), state.think_end.tolist()
         for j, b in enumerate(rows.tolist()):
             if thinking[j]:
                 hiddens[b].append(h[j])
-                think_end[b] = Reason(int(state.think_end[j]))
-            if out.tokens[j] >= 0:
-                tokens[b].append(int(out.tokens[j]))
+                think_end[b] = Reason(ended[j])
+            if emitted[j] >= 0:
+                tokens[b].append(emitted[j])
         n = int(out.num_active)
         if n == 0:
             break
