@@ -1,5 +1,6 @@
 """Triton kernels, installed as ``haltkit.kernels``: one module per op, same signatures as the reference."""
 
 from .decode_step import decode_step
+from .verify_step import verify_step
 
-__all__ = ["decode_step"]
+__all__ = ["decode_step", "verify_step"]

@@ -32,11 +32,12 @@ The token position j < K_b emits, for drafted token x:
   the row. The emitted token's log-prob is log p(token).
 
 Malformed drafts: a running row whose draft length lies outside [0, K], whose drafted token at a
-position j < K_b lies outside [0, V), or (method "rejection", temperature > 0) whose q at such a
-position is not finite and non-negative or gives the drafted token q(x) <= 0 (in the [B, K]
-point-mass form: any entry other than 1) is an ERROR row: it is treated as if its logits at
-position 0 were bad, so it emits nothing and only its finish reason changes. No other row is
-affected.
+position j < K_b lies outside [0, V), or (method "rejection", temperature > 0) whose q(x) at such
+a position is not a finite number > 0 (in the [B, K] point-mass form: not exactly 1) is an ERROR
+row: it is treated as if its logits at position 0 were bad, so it emits nothing and only its
+finish reason changes. No other row is affected. The other entries of a q row are trusted, not
+checked (checking them would read every q row twice); a negative or NaN entry i only drops i from
+the residual.
 
 Outputs: tokens [B, K+1] (-1 padded), num_emitted [B], num_accepted [B] (drafted tokens emitted),
 values and log-probs per judged position, and the compacted indices of rows still running.
@@ -135,9 +136,8 @@ def malformed_drafts(
         if q.dim() == 2:
             q_bad = q != 1
         else:
-            q_row_bad = ~torch.isfinite(q).all(2) | (q < 0).any(2)
             qx = q.gather(2, draft_tokens.clamp(0, vocab_size - 1)[:, :, None])[:, :, 0]
-            q_bad = q_row_bad | ~(qx > 0)
+            q_bad = ~((qx > 0) & (qx < math.inf))
         bad = bad | ((requests.temperature > 0) & (judged & q_bad).any(1))
     return bad
 
