@@ -1,0 +1,22 @@
+// haltkit._C: the CUDA build of the fused ops. Raw pointers and a stream handle in, no libtorch
+// linkage; cudart is linked statically, so importing this module never needs a driver.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bind_args.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "haltkit CUDA kernels (see haltkit/native.py for the Python side)";
+  m.def(
+      "decode_step",
+      [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
+         const hk::Ints& state, const hk::Ints& outputs, int64_t stream) {
+        const hk::DecodeStepArgs a = hk::decode_step_args(logits, hidden, head, requests, state, outputs);
+        py::gil_scoped_release release;
+        hk::decode_step_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+      },
+      py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
+      py::arg("outputs"), py::arg("stream"));
+}
