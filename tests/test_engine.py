@@ -5,7 +5,6 @@ and bad input refused before any model work."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,46 +14,12 @@ import torch
 from torch import nn
 
 import haltkit
-from haltkit import DraftModel, EarlyLayerDraft, ExitPolicy, MarginalValueHead, PromptLookup, SamplingParams
+from haltkit import DraftModel, EarlyLayerDraft, ExitPolicy, MarginalValueHead, PromptLookup
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+from engine_models import PAD, V, countdown_head, ragged_prompts, sampled, tiny  # noqa: E402
 
-V = 111  # odd, so nothing lines up with a power of two
-PAD = 0
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny(family: str, seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = V) -> nn.Module:
-    """A random-weight causal LM of ``family`` small enough to run many steps in milliseconds."""
-    t = transformers
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
-    if family == "llama":
-        cfg = t.LlamaConfig(**common)
-        cls = t.LlamaForCausalLM
-    elif family == "qwen2":  # layer 0 full, layer 1 sliding: one mask per layer kind
-        cfg = t.Qwen2Config(use_sliding_window=True, sliding_window=6, max_window_layers=1, **common)
-        cls = t.Qwen2ForCausalLM
-    elif family == "qwen3":
-        cfg = t.Qwen3Config(head_dim=8, **common)
-        cls = t.Qwen3ForCausalLM
-    elif family == "mistral":  # every layer slides over 6 positions, shorter than the sequences
-        cfg = t.MistralConfig(sliding_window=6, **common)
-        cls = t.MistralForCausalLM
-    elif family == "gpt2":
-        cfg = t.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
-                           pad_token_id=PAD)
-        cls = t.GPT2LMHeadModel
-    else:
-        raise ValueError(family)
-    torch.manual_seed(seed)
-    return cls(cfg).eval()
-
-
-def ragged_prompts(B: int, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lens = [1, 7, 3, 5, 2, 6, 4][:B] if B > 1 else [5]
-    return [torch.randint(1, V, (n,), generator=g).tolist() for n in lens]
 
 
 def hf_generate(model: nn.Module, prompts: list[list[int]], max_new: int, eos: int | None) -> list[list[int]]:
@@ -157,11 +122,6 @@ def test_every_draft_source_gives_identical_greedy_output(family):
     assert same.accepted == same.drafted  # the target drafting for itself is always right
 
 
-def sampled(B: int) -> list[SamplingParams]:
-    return [SamplingParams(temperature=[0.7, 1.0, 1.3][b % 3], top_p=[1.0, 0.9][b % 2], top_k=[0, 20][b % 2],
-                           seed=1000 + 17 * b) for b in range(B)]
-
-
 def test_seeded_sampling_is_identical_with_and_without_speculation():
     model = tiny("llama")
     prompts = ragged_prompts(4)
@@ -199,16 +159,6 @@ def test_rejection_sampling_keeps_greedy_rows_lossless():
 
 
 # -- value exits and compaction ---------------------------------------------------------------------
-
-def countdown_head(d: int, budget: int, start: float = 100.0) -> MarginalValueHead:
-    """A head whose value at step n is exactly ``start - n`` (it reads only the budget fraction)."""
-    head = MarginalValueHead(d)
-    with torch.no_grad():
-        head.w1.zero_()
-        head.w1[0, -1] = -budget
-        head.b1.fill_(start)
-    return head
-
 
 @pytest.mark.parametrize("draft", [None, "layer:1", "ngram"])
 def test_value_exit_ends_exactly_those_sequences_at_the_known_step(draft):
@@ -337,3 +287,28 @@ def test_cli_generate_runs_a_local_checkpoint(tmp_path, capsys):
     assert out["think_end"] == ["value", "value"]
     # Below lambda from step 3, patience 2: the exit text is forced from step 4 on.
     assert all(t[4:7] == list(tok.exit_tokens) for t in out["tokens"])
+
+
+def test_compiled_step_matches_eager_pads_its_bucket_and_is_reused():
+    from haltkit import compiled
+
+    model = tiny("llama", seed=3)
+    prompts = ragged_prompts(3)  # batch 3 runs in the bucket of 4, with one dead slot
+    want = haltkit.generate(model, prompts, exit=greedy(5)).tokens
+    first = haltkit.generate(model, prompts, exit=greedy(5), compile=True)
+    assert first.tokens == want and first.timings["compile"] > 0
+    again = haltkit.generate(model, prompts, exit=greedy(5), compile=True)
+    assert again.tokens == want and again.timings["compile"] == 0.0
+    compiled.clear()
+
+
+def test_e2e_benchmark_quick_mode_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "e2e"
+    subprocess.run([sys.executable, str(REPO / "bench" / "e2e.py"), "--quick", "--out", str(out)], check=True,
+                   cwd=tmp_path, capture_output=True)
+    data = json.loads(out.with_suffix(".json").read_text())
+    names = {r["contender"] for r in data["throughput"]}
+    assert names >= {"hf", "hf-assisted", "haltkit (eager)", "haltkit+draft", "haltkit+ngram", "haltkit+layer"}
+    assert all(r["same_tokens_as_hf"] for r in data["throughput"])
+    assert all(r["tokens_per_s"] > 0 for r in data["throughput"])
+    assert "| 1 | hf |" in out.with_suffix(".md").read_text()

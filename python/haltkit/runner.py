@@ -19,7 +19,6 @@ and returns ``logits`` and ``hidden_states`` whose last entry is the LM head's i
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
