@@ -194,7 +194,8 @@ def _verify_step_kernel(
                         if k_on:
                             W = _search_threshold(x_ptr, V, M, t, W, top_k.to(tl.float32), 0.0, False, BLOCK_V, NT)
                         if p_on:
-                            W = _search_threshold(x_ptr, V, M, t, W, -1.0, top_p, True, BLOCK_V, NT)
+                            W = _search_threshold(x_ptr, V, M, t, W, tl.full([], -1.0, tl.float32), top_p,
+                                                  True, BLOCK_V, NT)
                         if m_on:
                             W = tl.minimum(W, _key(tl.log(min_p)))
                         mass, token = _draw_pass(x_ptr, V, M, t, W, draw & ~choose, k0, k1, n, BLOCK_V)

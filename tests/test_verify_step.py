@@ -7,8 +7,10 @@ and the Triton kernel are both held to it.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -670,3 +672,26 @@ def test_triton_kernel_writes_every_output_with_small_vocabulary_tiles(method):
     got = triton_verify_step(logits, hidden, drafts, lens, requests, state, head, probs, method,
                              out=poisoned, block_v=16)
     check_against_oracle(got, tuple(want[:5]), state, want_state, torch.float32)
+
+
+def test_benchmark_quick_mode_writes_json_and_markdown(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "verify_step.py"
+    spec = importlib.util.spec_from_file_location("bench_verify_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "verify_step_quick.json").read_text())
+    assert len(res["rows"]) == len(bench.MODES) * 4
+    for row in res["rows"]:
+        assert set(row["median_us"]) >= {"eager", "haltkit"} and row["speedup_vs_eager"]["eager"] == 1.0
+        assert all(len(t) >= 3 and min(t) > 0 for t in row["times_us"].values())
+    table = (tmp_path / "verify_step_quick.md").read_text()
+    assert table.count("\n| ") == 1 + len(res["rows"])

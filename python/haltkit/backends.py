@@ -60,19 +60,21 @@ def backends() -> dict[str, str]:
     return {name: _probe(name)[1] or "available" for name in BACKENDS}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
     """The concrete backend for ``backend`` ("auto" or a name) on ``device``.
 
     "auto" picks, on a CUDA device, cuda then triton then torch; on the CPU, the native cpu
-    backend then torch (Triton's interpreter is a test tool, never chosen by "auto").
+    backend then torch (Triton's interpreter is a test tool, never chosen by "auto"). With
+    ``op`` (e.g. "verify_step"), backends that do not implement that op yet are passed over.
 
     Raises:
         ValueError: unknown name, or a backend that cannot run on ``device``.
-        RuntimeError: a backend that is not available here, with the reason.
+        RuntimeError: a backend that is not available here (or lacks ``op``), with the reason.
     """
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
-        return next(name for name in order if _probe(name)[0] is not None)
+        return next(name for name in order if _probe(name)[0] is not None
+                    and (op is None or hasattr(_probe(name)[0], op)))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
     if backend == "cuda" and device.type != "cuda":
@@ -82,6 +84,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     mod, why = _probe(backend)
     if mod is None:
         raise RuntimeError(f"backend {backend!r} is not available: {why}")
+    if op is not None and not hasattr(mod, op):
+        raise RuntimeError(f"backend {backend!r} does not implement {op} yet")
     return backend
 
 

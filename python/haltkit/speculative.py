@@ -191,7 +191,7 @@ def verify_step(
     """
     w = _as_weights(head)
     _validate_verify_inputs(target_logits, hidden, draft_tokens, draft_lens, requests, state, w, draft_probs, method)
-    name = resolve_backend(backend, target_logits.device)
+    name = resolve_backend(backend, target_logits.device, op="verify_step")
     if target_logits.stride(2) != 1:
         target_logits = target_logits.contiguous()
     if hidden is not None and hidden.stride(2) != 1:
