@@ -19,8 +19,8 @@ whole batch. haltkit also writes values, log-probs, the updated state and the co
 
 Modes: ``greedy`` (temperature 0, method "exact"), ``sampled`` (temperature 0.8, top-p 0.9,
 method "exact"), ``rejection`` (the same request, method "rejection" with full draft
-distributions). Drafts are the target's own token at each position with probability 0.8
-(greedy / sampled) or drawn from a draft distribution near the target's (rejection).
+distributions). Drafts are decode_step's own token at each position with probability 0.8
+(greedy / sampled), or drawn from a draft distribution near the target's (rejection).
 
 Also reported: the fraction of the memory floor (bytes that must be read once: logits, hidden
 states, draft distributions; over the copy bandwidth measured in the same run).
@@ -48,6 +48,7 @@ import torch
 import haltkit
 from haltkit import DecodeState, ExitPolicy, SamplingParams, pack_requests
 from haltkit.backends import resolve_backend
+from haltkit.reference.decode_step import decode_step as eager_decode_step
 from haltkit.reference.verify_step import verify_step as eager_verify_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,7 +107,11 @@ def make_case(mode: str, B: int, K: int, V: int, device: torch.device, gen: torc
         probs = torch.stack([haltkit.sampling_probs(draft_logits[:, j], requests) for j in range(K)], 1)
         drafts = torch.multinomial(probs.reshape(-1, V), 1, generator=None).reshape(B, K)
     else:
-        target = logits[:, :K].argmax(-1)
+        # decode_step's own tokens (what a draft sharing the request's seed would propose), kept
+        # with probability 0.8 per position.
+        state = DecodeState.new(B, device=device)
+        target = torch.stack([eager_decode_step(logits[:, j], hidden[:, j], requests, state, head).tokens
+                              for j in range(K)], 1)
         other = torch.randint(0, V, (B, K), generator=gen).to(device)
         drafts = torch.where(torch.rand(B, K, generator=gen).to(device) < 0.8, target, other)
     return Case(mode, B, K, V, logits, hidden, drafts, lens, probs, requests, head)
@@ -303,6 +308,9 @@ def markdown(res: dict) -> str:
     if res["device"] == "cpu":
         lines += ["", "No GPU here: the vllm / flashinfer columns and the Triton / CUDA kernels need one; "
                   "on the CPU the haltkit column runs the backend \"auto\" picks."]
+    if res["haltkit_backend"] == "torch":
+        lines += ["", "The haltkit column is the reference itself here (no compiled verify_step backend on "
+                  "this device), so its ratios show dispatch overhead and timing noise only."]
     return "\n".join(lines) + "\n"
 
 

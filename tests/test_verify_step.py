@@ -695,3 +695,43 @@ def test_benchmark_quick_mode_writes_json_and_markdown(tmp_path):
         assert all(len(t) >= 3 and min(t) > 0 for t in row["times_us"].values())
     table = (tmp_path / "verify_step_quick.md").read_text()
     assert table.count("\n| ") == 1 + len(res["rows"])
+
+
+def test_triton_kernel_compiles_for_a_hopper_gpu():
+    """The interpreter accepts what the compiler may not: compile the speculative-sampling variant
+    (a superset of the exact one) to a sm_90 cubin, which needs ptxas but no GPU."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import os
+    import shutil
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from haltkit.kernels.verify_step import _verify_step_kernel as k
+        const = dict(HAS_HEAD=True, IS_MLP=True, REJECTION=True, Q_FULL=True, BLOCK_V=1024, BLOCK_D=256,
+                     BLOCK_R=32, BLOCK_E=2, BLOCK_B=64, NT=16)
+        i64 = ("drafts_ptr", "seed_ptr", "tokens_ptr", "active_idx_ptr", "num_active_ptr")
+        f32 = ("q_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr", "cost_ptr", "logprobs_ptr", "values_ptr",
+               "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")
+        def kind(n):
+            if n in const:
+                return "constexpr"
+            if n == "logits_ptr":
+                return "*bf16"
+            if n == "hidden_ptr":
+                return "*fp16"
+            return "*i64" if n in i64 else "*fp32" if n in f32 else "*i32" if n.endswith("_ptr") else "i32"
+        sig = {n: kind(n) for n in k.arg_names}
+        src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"haltkit-verify-cache-{os.getpid()}")
+    try:
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    assert res.returncode == 0, res.stderr[-3000:]

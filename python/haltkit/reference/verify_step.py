@@ -117,7 +117,7 @@ def sampling_log_probs(logits: torch.Tensor, requests: RequestBatch) -> torch.Te
     return torch.where(bad[:, None], torch.full_like(z, math.nan), logp)
 
 
-def malformed_drafts(
+def _malformed_drafts(
     draft_tokens: torch.Tensor,
     draft_lens: torch.Tensor,
     draft_probs: torch.Tensor | None,
@@ -132,11 +132,10 @@ def malformed_drafts(
     out_of_vocab = (draft_tokens < 0) | (draft_tokens >= vocab_size)
     bad = (lens < 0) | (lens > K) | (judged & out_of_vocab).any(1)
     if method == "rejection" and K > 0:
-        q = draft_probs.float()
-        if q.dim() == 2:
-            q_bad = q != 1
+        if draft_probs.dim() == 2:
+            q_bad = draft_probs.float() != 1
         else:
-            qx = q.gather(2, draft_tokens.clamp(0, vocab_size - 1)[:, :, None])[:, :, 0]
+            qx = draft_probs.gather(2, draft_tokens.clamp(0, vocab_size - 1)[:, :, None])[:, :, 0].float()
             q_bad = ~((qx > 0) & (qx < math.inf))
         bad = bad | ((requests.temperature > 0) & (judged & q_bad).any(1))
     return bad
@@ -203,7 +202,7 @@ def verify_step(
     rejection = method == "rejection"
     lens = draft_lens.to(torch.int64)
     # A malformed draft is an ERROR row: decode_step sees a NaN row at position 0.
-    malformed = malformed_drafts(draft_tokens, draft_lens, draft_probs, r, V, method)
+    malformed = _malformed_drafts(draft_tokens, draft_lens, draft_probs, r, V, method)
     sampled = r.temperature > 0
 
     tokens = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
