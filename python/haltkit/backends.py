@@ -60,6 +60,9 @@ def backends() -> dict[str, str]:
     return {name: _probe(name)[1] or "available" for name in BACKENDS}
 
 
+# Dynamo must not trace the probe (importlib is off limits under fullgraph=True until the cache is
+# warm): the answer is fixed for the process, so the compiled graph takes it as a constant.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, op: str | None = None) -> str:
     """The concrete backend for ``backend`` ("auto" or a name) on ``device``.
 
