@@ -30,8 +30,9 @@ def hf_generate(model: nn.Module, prompts: list[list[int]], max_new: int, eos: i
     for b, p in enumerate(prompts):
         ids[b, T - len(p):] = torch.tensor(p)
         mask[b, T - len(p):] = 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0, do_sample=False,
-                         pad_token_id=PAD, eos_token_id=eos)
+    dev = next(model.parameters()).device
+    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new, min_new_tokens=0,
+                         do_sample=False, pad_token_id=PAD, eos_token_id=eos)
     rows = []
     for row in out[:, T:].tolist():
         cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
@@ -312,3 +313,16 @@ def test_e2e_benchmark_quick_mode_writes_json_and_markdown(tmp_path):
     assert all(r["same_tokens_as_hf"] for r in data["throughput"])
     assert all(r["tokens_per_s"] > 0 for r in data["throughput"])
     assert "| 1 | hf |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("draft", [None, "layer:1"])
+def test_gpu_generate_matches_hf_generate(compile, draft):
+    """CUDA: eager or CUDA-graph steps, FlashAttention over the cache when flash-attn is installed."""
+    model = tiny("llama").cuda()
+    prompts = ragged_prompts(4)
+    eos = haltkit.generate(model, prompts[:1], exit=greedy(12)).tokens[0][3]
+    want = hf_generate(model, prompts, 12, eos)
+    res = haltkit.generate(model, prompts, exit=greedy(12, eos), compile=compile, draft=draft)
+    assert res.tokens == want

@@ -93,6 +93,12 @@ class RaggedKVCache:
                     dst.copy_(buf.index_select(0, idx))
 
 
+def _flash_available() -> bool:
+    from .flash import flash_available
+
+    return flash_available()
+
+
 def split_model(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(body, lm_head) of a Hugging Face causal LM, or (None, None) for a plain module.
 
@@ -215,6 +221,7 @@ class ModelRunner:
         self.kinds = _mask_kinds(getattr(model, "config", None))
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.flash = self.device.type == "cuda" and self.body is not None and _flash_available()
 
     def _mask(self, positions: torch.Tensor, width: int) -> torch.Tensor | dict[str, torch.Tensor]:
         """Additive [P, 1, q, width] masks: key j visible to a query at position p iff j <= p."""
@@ -238,13 +245,28 @@ class ModelRunner:
         """
         self.cache.write_pos = positions.clamp(max=self.capacity)
         positions = positions.clamp(max=self.capacity - 1)
-        kwargs = dict(input_ids=input_ids, attention_mask=self._mask(positions, self.cache.view_len),
-                      position_ids=positions, past_key_values=self.cache, use_cache=True)
+        kwargs = dict(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        if self.flash:
+            hidden = self._flash_body(kwargs, (self.cache.write_pos[:, -1] + 1).to(torch.int32))
+            return self.head(hidden), hidden
+        kwargs["attention_mask"] = self._mask(positions, self.cache.view_len)
         if self.body is not None:
             hidden = self.body(**kwargs).last_hidden_state
             return self.head(hidden), hidden
         out = self.model(output_hidden_states=True, **kwargs)
         return out.logits, out.hidden_states[-1]
+
+    def _flash_body(self, kwargs: dict, seqlens: torch.Tensor) -> torch.Tensor:
+        """The body with FlashAttention over the cache (``haltkit.flash``), no mask tensor."""
+        from .flash import NAME
+
+        cfg = self.body.config
+        before = cfg._attn_implementation
+        cfg._attn_implementation = NAME
+        try:
+            return self.body(attention_mask=None, haltkit_seqlens=seqlens, **kwargs).last_hidden_state
+        finally:
+            cfg._attn_implementation = before
 
     def forward(
         self, input_ids: torch.Tensor, start: torch.Tensor, view: int
@@ -275,9 +297,11 @@ class ModelRunner:
             return (logits.gather(1, last.expand(P, 1, logits.shape[-1]))[:, 0],
                     hidden.gather(1, last.expand(P, 1, hidden.shape[-1]))[:, 0])
         self.cache.write_pos = positions
-        kwargs = dict(input_ids=input_ids, attention_mask=self._mask(positions, T),
-                      position_ids=positions, past_key_values=self.cache, use_cache=True)
-        hidden = self.body(**kwargs).last_hidden_state
+        kwargs = dict(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        if self.flash:
+            hidden = self._flash_body(kwargs, torch.full((P,), T, dtype=torch.int32, device=input_ids.device))
+        else:
+            hidden = self.body(attention_mask=self._mask(positions, T), **kwargs).last_hidden_state
         h_last = hidden.gather(1, last.expand(P, 1, hidden.shape[-1]))[:, 0]
         return self.head(h_last), h_last
 
