@@ -16,7 +16,7 @@ Where things happen in a vLLM step, for a batch whose row i is persistent-batch 
 
 State per request lives in device tensors indexed by slot; a request that leaves the persistent
 batch unfinished (vLLM drops unscheduled and preempted requests from it and adds them back
-later) is parked and restored by the identity of its output-token list.
+later) is parked and restored, recognised by its SamplingParams object and its output tokens.
 """
 
 from __future__ import annotations
@@ -99,10 +99,13 @@ def request_policy(params: VllmSamplingParams) -> ExitPolicy | None:
 class _Parked:
     """A request that left the persistent batch unfinished: its slot row, to be restored."""
 
-    outputs: list[int]
+    tokens: tuple[int, ...]  # its output tokens when parked; -1 where vLLM had not filled one in
     n_seen: int
     pending: bool
     rows: tuple[torch.Tensor, ...]
+
+    def matches(self, outputs: list[int]) -> bool:
+        return len(outputs) == len(self.tokens) and all(a < 0 or a == b for a, b in zip(self.tokens, outputs))
 
 
 class ValueExitLogitsProcessor(LogitsProcessor):
@@ -151,9 +154,13 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         self.halt_token = zeros(torch.int64)
         # Host side, per slot: the request's live output list, tokens accounted, a pending decision.
         self.outputs: list[list[int] | None] = [None] * M
+        self.params: list[VllmSamplingParams | None] = [None] * M
         self.n_seen = [0] * M
         self.pending = [False] * M
-        self.parked: dict[int, _Parked] = {}
+        # Parked requests by id() of their SamplingParams, which vLLM keeps for the request's
+        # whole life (the output list may be replaced on resumption; the requests of one n > 1
+        # call may share one params object, hence a list, told apart by their tokens).
+        self.parked: dict[int, tuple[VllmSamplingParams, list[_Parked]]] = {}
         install_hidden_state_capture()
 
     def is_argmax_invariant(self) -> bool:
@@ -171,46 +178,71 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         self.state, self.cand = DecodeState(*tensors[:n]), DecodeState(*tensors[n:2 * n])
         self.emit, self.drew, self.active, self.halt_token = tensors[2 * n:]
 
-    def _park(self, i: int) -> None:
-        out = self.outputs[i]
-        if out is not None:
-            self.parked[id(out)] = _Parked(out, self.n_seen[i], self.pending[i],
-                                           tuple(t[i].clone() for t in self._rows()))
-        self.outputs[i], self.pending[i] = None, False
+    def _clear(self, i: int) -> None:
+        self.outputs[i], self.params[i], self.pending[i] = None, None, False
         self.active[i] = False
+
+    def _park(self, i: int) -> None:
+        out, params = self.outputs[i], self.params[i]
+        if out is not None:
+            entry = _Parked(tuple(out), self.n_seen[i], self.pending[i], tuple(t[i].clone() for t in self._rows()))
+            self.parked.setdefault(id(params), (params, []))[1].append(entry)
+        self._clear(i)
+
+    def _unpark(self, params: VllmSamplingParams, outputs: list[int]) -> _Parked | None:
+        held = self.parked.get(id(params))
+        if held is None or held[0] is not params:
+            return None
+        for j, entry in enumerate(held[1]):
+            if entry.matches(outputs):
+                del held[1][j]
+                if not held[1]:
+                    del self.parked[id(params)]
+                return entry
+        return None
 
     def _sweep_parked(self) -> None:
-        # A finished request is never added back; vLLM then drops its output list, and ours is
-        # the last reference (getrefcount counts its own argument too).
-        for key in [k for k, p in self.parked.items() if sys.getrefcount(p.outputs) <= 2]:
+        # A finished request is never added back; vLLM then drops its SamplingParams, and the
+        # tuple here holds the last reference (getrefcount counts its own argument too).
+        for key in [k for k, held in self.parked.items() if sys.getrefcount(held[0]) <= 2]:
             del self.parked[key]
 
+    def _request_row(self, policy: ExitPolicy) -> tuple[RequestBatch, Reason]:
+        """The request's packed parameters, and ERROR where this engine cannot serve them."""
+        try:
+            row = pack_requests(SamplingParams(), policy, self.vocab_size, 1, self.device)
+        except ValueError as e:  # a token id outside this model's vocabulary
+            logger.error("haltkit: the request ends with an error: %s", e)
+            return pack_requests(SamplingParams(), ExitPolicy(), self.vocab_size, 1, self.device), Reason.ERROR
+        if policy.cost_of_time is not None and self.head is None:
+            logger.error("haltkit: cost_of_time given but the engine has no value head; the request ends with an error")
+            return row, Reason.ERROR
+        return row, Reason.NONE
+
     def _add(self, i: int, params: VllmSamplingParams, outputs: list[int]) -> None:
-        self.outputs[i], self.pending[i] = None, False
-        self.active[i] = False
+        # vLLM may hand a removed request's slot straight to a new one without listing it as
+        # removed, so whatever the slot holds is parked first.
+        self._park(i)
         policy = request_policy(params)  # validated at admission; cannot raise here
         if policy is None:
             return
-        stops = _stop_ids(params)
-        halt = stops[0] if stops else -1
-        parked = self.parked.pop(id(outputs), None)
-        if parked is not None and parked.outputs is outputs:
+        row, finish = self._request_row(policy)
+        parked = self._unpark(params, outputs)
+        if parked is not None:
+            self._put_request(i, row)
             for t, v in zip(self._rows(), parked.rows):
                 t[i] = v
-            self.outputs[i], self.n_seen[i], self.pending[i] = outputs, parked.n_seen, parked.pending
+            self.outputs[i], self.params[i] = outputs, params
+            self.n_seen[i], self.pending[i] = parked.n_seen, parked.pending
             return
-        finish = Reason.NONE
-        try:
-            row = pack_requests(SamplingParams(), policy, self.vocab_size, batch_size=1, device=self.device)
-        except ValueError as e:  # a token id outside this model's vocabulary
-            logger.error("haltkit: request ends with an error: %s", e)
-            row = pack_requests(SamplingParams(), ExitPolicy(), self.vocab_size, batch_size=1, device=self.device)
-            finish = Reason.ERROR
-        if policy.cost_of_time is not None and self.head is None:
-            logger.error("haltkit: cost_of_time given but the engine has no value head; the request ends with an error")
-            finish = Reason.ERROR
-        if halt < 0 and (finish != Reason.NONE or (not policy.exit_tokens and (
-                policy.cost_of_time is not None or policy.thinking_budget is not None))):
+        if outputs:
+            logger.warning("haltkit: a request came back with %d tokens but no parked state; "
+                           "its exit state starts afresh", len(outputs))
+        stops = _stop_ids(params)
+        halt = stops[0] if stops else -1
+        may_halt = finish != Reason.NONE or (
+            not policy.exit_tokens and (policy.cost_of_time is not None or policy.thinking_budget is not None))
+        if halt < 0 and may_halt:
             logger.error("haltkit: the model has no EOS and the request no stop_token_ids, so it "
                          "cannot finish on an exit; haltkit leaves it to vLLM")
             return
@@ -221,7 +253,7 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         self.state.finish_reason[i] = int(finish)
         self.halt_token[i] = halt
         self.active[i] = True
-        self.outputs[i], self.n_seen[i] = outputs, len(outputs)
+        self.outputs[i], self.params[i], self.n_seen[i] = outputs, params, len(outputs)
 
     def _put_request(self, i: int, row: RequestBatch) -> None:
         for f in fields(RequestBatch):
@@ -243,15 +275,18 @@ class ValueExitLogitsProcessor(LogitsProcessor):
                 perm[a], perm[b] = perm[b], perm[a]
             else:
                 perm[b], perm[a] = perm[a], None
+        for j in set(range(len(perm))) - set(perm):
+            self._park(j)  # a slot overwritten by a move: its request left the batch
         idx = torch.tensor([0 if p is None else p for p in perm], device=self.device)
         self._set_rows([t.index_select(0, idx) for t in self._rows()])
         self.req = self.req.index_select(idx)
         self.outputs = [None if p is None else self.outputs[p] for p in perm]
+        self.params = [None if p is None else self.params[p] for p in perm]
         self.n_seen = [0 if p is None else self.n_seen[p] for p in perm]
         self.pending = [False if p is None else self.pending[p] for p in perm]
         for i, p in enumerate(perm):
             if p is None:
-                self.active[i] = False
+                self._clear(i)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         """Follow vLLM's persistent batch: removed (parked), added, moved, in that order."""
@@ -259,12 +294,11 @@ class ValueExitLogitsProcessor(LogitsProcessor):
             return
         for i in batch_update.removed:
             self._park(i)
-        if batch_update.removed:
-            self._sweep_parked()
         for i, params, _, outputs in batch_update.added:
             self._add(i, params, outputs)
         if batch_update.moved:
             self._move(batch_update.moved)
+        self._sweep_parked()
 
     # ---- the step ---------------------------------------------------------------------------
 

