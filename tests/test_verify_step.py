@@ -735,3 +735,29 @@ def test_triton_kernel_compiles_for_a_hopper_gpu():
     finally:
         shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["exact", "rejection"])
+def test_gpu_triton_matches_reference_at_a_real_vocabulary(method):
+    B, K, V = 64, 4, 151936
+    gen, requests, logits, hidden, head, state = scenario(B, K, V, 128, 5, dtype=torch.bfloat16, head_kind="mlp")
+    lens = torch.tensor([b % (K + 1) for b in range(B)], dtype=torch.int32)
+    drafts = build_drafts(logits, hidden, requests, state, head, lens, match=0.8, gen=gen)
+    probs = None
+    if method == "rejection":
+        probs = torch.stack([haltkit.sampling_probs(logits[:, j].float() + torch.randn(B, V), requests)
+                             for j in range(K)], 1)
+        drafts = torch.multinomial(probs.reshape(-1, V), 1).reshape(B, K)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    outs = {}
+    for backend in BACKENDS:
+        st = DecodeState(*(t.cuda() for t in state.tensors()))
+        out = haltkit.verify_step(logits.cuda(), hidden.cuda(), drafts.cuda(), lens.cuda(), requests.to("cuda"),
+                                  st, HeadWeights(*(t.cuda() for t in head)), cuda(probs), method, backend)
+        outs[backend] = (out, st)
+    (ref, ref_st), (tri, tri_st) = outs["torch"], outs["triton"]
+    assert torch.equal(tri.tokens, ref.tokens) and torch.equal(tri.num_accepted, ref.num_accepted)
+    for name in vars(ref_st):
+        assert torch.equal(getattr(tri_st, name), getattr(ref_st, name)), name
+    torch.testing.assert_close(tri.logprobs, ref.logprobs, equal_nan=True, **dict(zip(("rtol", "atol"), TOL[torch.bfloat16])))
