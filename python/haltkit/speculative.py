@@ -69,10 +69,13 @@ def _validate_verify_inputs(
     dev = target_logits.device
     if K1 < 1:
         raise ValueError("target_logits must have at least one position (K+1 >= 1)")
-    if hidden is not None:
-        d = None if head is None else head.d_model  # without a head, validate_step_inputs refuses hidden
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or list(hidden.shape) != [B, K1, d or hidden.shape[2]]:
-            raise ValueError(f"hidden must have shape [{B}, {K1}, {d or 'd'}], got {list(getattr(hidden, 'shape', [type(hidden)]))}")
+    if hidden is not None:  # (without a head, validate_step_inputs below refuses hidden)
+        shape = list(getattr(hidden, "shape", [type(hidden).__name__]))
+        d = "d" if head is None else head.d_model
+        if not isinstance(hidden, torch.Tensor) or len(shape) != 3 or shape[:2] != [B, K1] or (
+            head is not None and shape[2] != d
+        ):
+            raise ValueError(f"hidden must have shape [{B}, {K1}, {d}], got {shape}")
     # Requests, state and head are checked as decode_step checks them, on position 0.
     validate_step_inputs(target_logits[:, 0], None if hidden is None else hidden[:, 0], requests, state, head)
     K = K1 - 1
