@@ -8,7 +8,8 @@
 # haltkit itself is (re)installed editable from the calling work tree on every run (seconds),
 # which also registers its vllm.general_plugins entry point there.
 #
-# Usage: VENV=$(bash scripts/vllm_env.sh) && "$VENV/bin/python" -m pytest tests/vllm
+# Usage: bash scripts/vllm_env.sh        prints the environment's path
+#        bash scripts/vllm_env.sh test   runs tests/vllm in it (what .ci/run does)
 # Override the location with HALTKIT_VLLM_VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +45,10 @@ fi
 # The editable install points the environment at this work tree (and registers the plugin).
 nice -n 10 "$VENV/bin/python" -m pip install -qq --disable-pip-version-check \
     --no-deps --no-build-isolation -e . >&2
+if [[ "${1:-}" == "test" ]]; then
+    shift
+    # The pytest script, not `python -m pytest`: the latter puts the work tree on sys.path, where
+    # kernels/ shadows the `kernels` package that transformers probes for.
+    exec "$VENV/bin/pytest" -q -p no:cacheprovider tests/vllm "$@"
+fi
 echo "$VENV"

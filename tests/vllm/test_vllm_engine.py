@@ -53,31 +53,32 @@ def plain(plain_llm) -> dict[str, list[int]]:
     return {p: toks for p, (toks, _) in zip(PROMPTS, run(plain_llm, PROMPTS, greedy()))}
 
 
-@pytest.mark.parametrize("k,patience,min_new", [(0, 1, 0), (1, 1, 0), (3, 2, 0), (7, 1, 0), (2, 3, 5)])
-def test_value_exit_without_exit_tokens_ends_with_eos_at_the_implied_step(step_llm, plain, k, patience, min_new):
-    got = run(step_llm, PROMPTS, greedy(cost_of_time=-k, patience=patience, min_new_tokens=min_new))
-    m = max(k, min_new) + patience - 1  # haltkit tokens before the exit
-    for p, g in zip(PROMPTS, got):
-        assert g == cut(plain[p], m, [EOS]), p
+def test_value_exit_without_exit_tokens_ends_with_eos_at_the_implied_step(step_llm, plain):
+    # One batch, one case per request: (k, patience, min_new_tokens).
+    cases = [(0, 1, 0), (1, 1, 0), (3, 2, 0), (7, 1, 0), (2, 3, 5), (12, 4, 0), (5, 1, 9)]
+    got = run(step_llm, PROMPTS, [greedy(cost_of_time=-k, patience=pa, min_new_tokens=mn) for k, pa, mn in cases])
+    for p, (k, pa, mn), g in zip(PROMPTS, cases, got):
+        m = max(k, mn) + pa - 1  # haltkit tokens before the exit
+        assert g == cut(plain[p], m, [EOS]), (p, k, pa, mn)
 
 
-@pytest.mark.parametrize("k", [0, 4, 9])
-def test_value_exit_forces_exit_tokens_then_the_model_answers(step_llm, plain, k):
-    got = run(step_llm, PROMPTS, greedy(cost_of_time=-k, exit_tokens=list(EXIT)))
-    for p, (toks, reason) in zip(PROMPTS, got):
+def test_value_exit_forces_exit_tokens_then_the_model_answers(step_llm, plain):
+    ks = [0, 4, 9, 2, 6, 13, 1]
+    got = run(step_llm, PROMPTS, [greedy(cost_of_time=-k, exit_tokens=list(EXIT)) for k in ks])
+    for p, k, (toks, reason) in zip(PROMPTS, ks, got):
         if closes_first(plain[p], k):
             assert (toks, reason) == (plain[p], reason_of(plain[p])), p
             continue
         assert toks[:k] == plain[p][:k] and toks[k : k + len(EXIT)] == list(EXIT), p
-        assert reason == ("stop" if EOS in toks else "length") and len(toks) <= BUDGET
+        assert reason == reason_of(toks) and len(toks) <= BUDGET
 
 
-@pytest.mark.parametrize("exit_tokens", [(), EXIT])
-def test_thinking_budget_ends_thinking_after_budget_tokens(step_llm, plain, exit_tokens):
-    b = 6
-    got = run(step_llm, PROMPTS, greedy(thinking_budget=b, exit_tokens=list(exit_tokens)))
-    for p, (toks, reason) in zip(PROMPTS, got):
-        if not exit_tokens:
+def test_thinking_budget_ends_thinking_after_budget_tokens(step_llm, plain):
+    budgets = [6, 1, 11, 6, 3, 8, 2]
+    exits = [() if i % 2 else EXIT for i in range(len(PROMPTS))]
+    got = run(step_llm, PROMPTS, [greedy(thinking_budget=b, exit_tokens=list(x)) for b, x in zip(budgets, exits)])
+    for p, b, x, (toks, reason) in zip(PROMPTS, budgets, exits, got):
+        if not x:
             assert (toks, reason) == cut(plain[p], b, [EOS]), p
         elif closes_first(plain[p], b):
             assert (toks, reason) == (plain[p], reason_of(plain[p])), p
@@ -120,29 +121,29 @@ def test_requests_without_haltkit_parameters_match_plain_vllm_in_a_mixed_batch(s
                 assert m[0][: k + len(EXIT)] == r[0][:k] + list(EXIT), (i, PROMPTS[i])
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        # None: exactly ExitPolicy's own error for the same fields.
-        ({"cost_of_time": "0.1"}, None),
-        ({"cost_of_time": 0.1, "patience": 0}, None),
-        ({"exit_tokens": [3, -1]}, None),
-        ({"thinking_budget": 2.5}, None),
-        ({"min_new_tokens": -1}, None),
-        ({"cost_of_tme": 0.1}, "unknown haltkit parameter 'cost_of_tme'; did you mean 'cost_of_time'?"),
-        ({"max_new_tokens": 9}, "use SamplingParams.max_tokens"),
-    ],
-)
-def test_malformed_parameters_are_refused_at_admission_with_exit_policy_errors(step_llm, plain, extra, message):
-    if message is None:
-        with pytest.raises(ValueError) as want:
-            ExitPolicy(**extra)
-        message = str(want.value)
-    with pytest.raises(VLLMValidationError) as err:
-        step_llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, extra_args=extra), use_tqdm=False)
-    assert message in str(err.value)
-    # The engine is unharmed: the next request runs as plain vLLM.
-    assert run(step_llm, PROMPTS[:1], greedy(max_tokens=BUDGET))[0][0] == plain[PROMPTS[0]]
+MALFORMED = [
+    # (extra_args, message); None: exactly ExitPolicy's own error for the same fields.
+    ({"cost_of_time": "0.1"}, None),
+    ({"cost_of_time": 0.1, "patience": 0}, None),
+    ({"exit_tokens": [3, -1]}, None),
+    ({"thinking_budget": 2.5}, None),
+    ({"min_new_tokens": -1}, None),
+    ({"cost_of_tme": 0.1}, "unknown haltkit parameter 'cost_of_tme'; did you mean 'cost_of_time'?"),
+    ({"max_new_tokens": 9}, "use SamplingParams.max_tokens"),
+]
+
+
+def test_malformed_parameters_are_refused_at_admission_with_exit_policy_errors(step_llm, plain):
+    for extra, message in MALFORMED:
+        if message is None:
+            with pytest.raises(ValueError) as want:
+                ExitPolicy(**extra)
+            message = str(want.value)
+        with pytest.raises(VLLMValidationError) as err:
+            step_llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, extra_args=extra), use_tqdm=False)
+        assert message in str(err.value), extra
+    # The engine is unharmed: the next requests run as before.
+    assert run(step_llm, PROMPTS[:2], greedy()) == [(plain[p], reason_of(plain[p])) for p in PROMPTS[:2]]
 
 
 def test_a_request_that_could_not_finish_on_an_exit_is_refused(step_llm):
@@ -161,16 +162,16 @@ def test_requests_preempted_by_a_full_kv_cache_keep_their_exit_state(tiny_model,
     # exit tokens span the preemptions, so a lost below-count or phase would change the output.
     import haltkit.vllm
 
-    n_tokens = 160
+    n_tokens, prompts = 140, PROMPTS
     head = str(tmp_path / "long.safetensors")
     step_head(head, budget=n_tokens)
     params = [greedy(n_tokens, cost_of_time=-(10 + 7 * i), patience=50, exit_tokens=list(EXIT))
-              for i in range(len(PROMPTS))]
+              for i in range(len(prompts))]
     outputs, preemptions = [], []
-    for kv_bytes in (32 << 20, 256 << 10):  # roomy, then 512 tokens for ~7 x 170
+    for kv_bytes in (32 << 20, 256 << 10):  # roomy, then 512 tokens for 7 x ~150
         llm = new_llm(tiny_model, **haltkit.vllm.engine_args(
             value_head=head, **{**ENGINE_KW, "kv_cache_memory_bytes": kv_bytes}, disable_log_stats=False))
-        outputs.append(run(llm, PROMPTS, params))
+        outputs.append(run(llm, prompts, params))
         preemptions.append(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
     assert preemptions[0] == 0 and preemptions[1] > 0  # else this test did not test what it says
     assert outputs[1] == outputs[0]

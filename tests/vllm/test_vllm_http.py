@@ -1,0 +1,137 @@
+"""haltkit through vLLM's OpenAI-compatible server on 127.0.0.1, with its engine core in a process
+of its own (vLLM's default): parameters arrive as ``vllm_xargs``, are validated in the front end
+and applied by the processor in the engine process.
+
+Every request here is bounded (timeouts, a fixed count) and the server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from haltkit import ExitPolicy
+from haltkit.tokenizer import CharTokenizer
+from tinyllama import BUDGET, ENGINE_KW
+
+TOK = CharTokenizer()
+PROMPT = "Q:3+4+5<think>"
+START_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, step_head_file, tmp_path_factory):
+    import haltkit.vllm
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE_KW["dtype"], "--enforce-eager",
+           "--max-model-len", str(ENGINE_KW["max_model_len"]),
+           "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]),
+           *haltkit.vllm.server_args(step_head_file)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log, "w") as out:
+        # A session of its own, so the engine process it spawns is stopped with it; run outside
+        # the work tree, whose kernels/ directory would shadow the `kernels` package transformers
+        # probes for.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base, tiny_model
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def complete(server, **xargs) -> tuple[int, dict]:
+    """POST one greedy completion of PROMPT; (HTTP status, JSON body)."""
+    base, model = server
+    body = {"model": model, "prompt": PROMPT, "max_tokens": BUDGET, "temperature": 0}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(plain_llm) -> list[int]:
+    from vllm import SamplingParams
+
+    out = plain_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=BUDGET), use_tqdm=False)
+    toks = list(out[0].outputs[0].token_ids)
+    assert TOK.eos_id not in toks[:20], "pick a prompt whose plain output runs past 20 tokens"
+    return toks
+
+
+def test_cost_of_time_over_http_sets_finish_reason_and_token_count(server, plain_tokens):
+    # The step head's value after n tokens is -n - 0.5: lambda = -3 exits after 3 tokens (then
+    # the EOS that ends the request), lambda = -20 after 20; without lambda the request runs
+    # to max_tokens.
+    for lam, n in ((-3, 3), (-20, 20)):
+        status, body = complete(server, cost_of_time=lam)
+        assert status == 200, body
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == n + 1  # the haltkit tokens, then the EOS
+        assert choice["text"] == TOK.decode(plain_tokens[:n], skip_special=True)
+    status, body = complete(server)
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == BUDGET
+
+
+def test_malformed_parameter_gets_400_and_leaves_concurrent_requests_alone(server, plain_tokens):
+    with pytest.raises(ValueError) as want:
+        ExitPolicy(cost_of_time="abc")
+    with ThreadPoolExecutor(3) as pool:
+        good_a = pool.submit(complete, server, cost_of_time=-5, patience=2)
+        bad = pool.submit(complete, server, cost_of_time="abc")
+        good_b = pool.submit(complete, server, thinking_budget=7, exit_tokens=list(TOK.exit_tokens))
+        results = [f.result(timeout=REQUEST_TIMEOUT_S + 10) for f in (good_a, bad, good_b)]
+    (sa, ba), (sb, bb), (sc, bc) = results
+    assert sb == 400, bb
+    assert str(want.value) in json.dumps(bb)
+    assert sa == 200 and ba["usage"]["completion_tokens"] == 6 + 1  # patience 2: 6 tokens, then EOS
+    assert ba["choices"][0]["text"] == TOK.decode(plain_tokens[:6], skip_special=True)
+    # Budget 7 then the forced "</think>A:" (the special </think> is not in the text).
+    assert sc == 200 and bc["choices"][0]["text"].startswith(TOK.decode(plain_tokens[:7]) + "A:")
