@@ -68,11 +68,11 @@ def _value_head(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, d, R, n, budget,
     f_frac = tl.math.div_rn(nf, budget.to(tl.float32))
     rr = tl.arange(0, BLOCK_R)
     dd = tl.arange(0, BLOCK_D)
-    v = tl.zeros([], dtype=tl.float32)
+    v = tl.full([], 0, tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + rr
         rmask = rows < R
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.full([BLOCK_R], 0, tl.float32)
         for c0 in range(0, d, BLOCK_D):
             cols = c0 + dd
             cmask = cols < d
@@ -103,11 +103,13 @@ def _scan_row(x_ptr, V, t, sample, k0, k1, step, BLOCK_V: tl.constexpr):
     """
     offs0 = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
+    # Per-lane accumulators, reduced once after the loop (a reduction per tile costs a cross-warp
+    # exchange on a GPU and a device-function call in the interpreter).
     lane_max = tl.full([BLOCK_V], neg_inf, tl.float32)
-    lane_arg = tl.zeros([BLOCK_V], dtype=tl.int32)
-    n_bad = tl.zeros([], dtype=tl.int32)
+    lane_arg = tl.full([BLOCK_V], 0, tl.int32)
+    lane_bad = tl.full([BLOCK_V], 0, tl.int1)
+    lane_sum = tl.full([BLOCK_V], 0, tl.float32)
     m = tl.full([], neg_inf, tl.float32)
-    s = tl.zeros([], dtype=tl.float32)
     # Draw state: the shift r (the running max when the first finite entry shows up, as every
     # earlier entry is -inf and scores -inf whatever r is),
     # the best shifted score so far, and per lane the best / runner-up key and the best's x, G, index.
@@ -115,20 +117,20 @@ def _scan_row(x_ptr, V, t, sample, k0, k1, step, BLOCK_V: tl.constexpr):
     best = tl.full([], neg_inf, tl.float32)
     lane_key = tl.full([BLOCK_V], neg_inf, tl.float32)
     lane_2nd = tl.full([BLOCK_V], neg_inf, tl.float32)
-    lane_x = tl.zeros([BLOCK_V], dtype=tl.float32)
-    lane_g = tl.zeros([BLOCK_V], dtype=tl.float32)
-    lane_idx = tl.zeros([BLOCK_V], dtype=tl.int32)
+    lane_x = tl.full([BLOCK_V], 0, tl.float32)
+    lane_g = tl.full([BLOCK_V], 0, tl.float32)
+    lane_idx = tl.full([BLOCK_V], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + offs0
         x = tl.load(x_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
-        n_bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32))
+        lane_bad = lane_bad | (x != x) | (x == float("inf"))
         up = x > lane_max
         lane_max = tl.where(up, x, lane_max)
         lane_arg = tl.where(up, offs, lane_arg)
         m_new = tl.maximum(m, tl.max(x))
         # Until a finite entry shows up every term is 0; shifting by 0 then avoids -inf - -inf.
         m_safe = tl.where(m_new > neg_inf, m_new, 0.0)
-        s = s * tl.exp((m - m_safe) / t) + tl.sum(tl.exp((x - m_safe) / t))
+        lane_sum = lane_sum * tl.exp((m - m_safe) / t) + tl.exp((x - m_safe) / t)
         m = m_new
         if sample:
             r = tl.where(r > neg_inf, r, m_safe)
@@ -145,6 +147,8 @@ def _scan_row(x_ptr, V, t, sample, k0, k1, step, BLOCK_V: tl.constexpr):
                 lane_idx = tl.where(up, offs, lane_idx)
                 best = tl.maximum(best, tl.max(key))
     big = 2147483647
+    n_bad = tl.sum(lane_bad.to(tl.int32))
+    s = tl.sum(lane_sum)
     arg = tl.min(tl.where(lane_max == m, lane_arg, big))
     certified = sample
     drawn = arg
@@ -155,7 +159,7 @@ def _scan_row(x_ptr, V, t, sample, k0, k1, step, BLOCK_V: tl.constexpr):
         shift = tl.abs(m - r) / t
         relevant = lane_key >= best - 0.5 * _SLACK
         bound = 3.814697265625e-06 * (tl.abs(lane_key) + shift + 64.0)
-        ok = (~relevant) | (lane_key - lane_2nd > bound)
+        ok = (~relevant) | (lane_2nd + bound < lane_key)
         worst = tl.max(tl.where(relevant, bound, 0.0))
         certified = (tl.min(ok.to(tl.int32)) == 1) & (worst < 0.25 * _SLACK)
         exact = tl.where(lane_key > neg_inf, tl.math.div_rn(lane_x - m, t) + lane_g, neg_inf)
@@ -178,7 +182,12 @@ def _search_pass(x_ptr, V, M, t, lo, hi, first, MASS: tl.constexpr, BLOCK_V: tl.
     # rarely fall: the first pass puts its inner thresholds at |z| = 2**(j - NT // 2) instead.
     thr = tl.where(first & (j > 0) & (j < NT - 1), ((j + 127 - NT // 2) << 23) - 1, thr)
     thr = tl.minimum(thr, hi)
-    g = tl.zeros([NT], dtype=tl.float32)
+    # Masses add up in float64 and round once, as the reference's cumsum does on the CPU, so
+    # the >= target tests agree with it except within an ulp of exp(z).
+    if MASS:
+        g = tl.full([NT], 0, tl.float64)
+    else:
+        g = tl.full([NT], 0, tl.int32)
     P = tl.full([NT], -1, tl.int32)
     Q = tl.full([NT], _PAD_KEY, tl.int32)
     offs0 = tl.arange(0, BLOCK_V)
@@ -190,13 +199,12 @@ def _search_pass(x_ptr, V, M, t, lo, hi, first, MASS: tl.constexpr, BLOCK_V: tl.
         w = tl.where(mask, _key(z), _PAD_KEY)
         le = w[:, None] <= thr[None, :]
         if MASS:
-            c = tl.exp(z)
+            g += tl.sum(tl.where(le, tl.exp(z).to(tl.float64)[:, None], 0.0), axis=0)
         else:
-            c = tl.full([BLOCK_V], 1.0, tl.float32)
-        g += tl.sum(tl.where(le, c[:, None], 0.0), axis=0)
+            g += tl.sum(le.to(tl.int32), axis=0)
         P = tl.maximum(P, tl.max(tl.where(le, w[:, None], -1), axis=0))
         Q = tl.minimum(Q, tl.min(tl.where(le, _PAD_KEY, w[:, None]), axis=0))
-    return thr, g, P, Q
+    return thr, g.to(tl.float32), P, Q
 
 
 @triton.jit
@@ -212,7 +220,7 @@ def _search_threshold(x_ptr, V, M, t, hi, target, frac,
     definition, so ties at the threshold are kept. With MASS, ``target`` < 0 means "frac of the
     mass up to hi", computed in the first pass.
     """
-    lo = tl.zeros([], dtype=tl.int32)
+    lo = tl.full([], 0, tl.int32)
     first = lo == 0
     j = tl.arange(0, NT)
     while lo < hi:
@@ -235,10 +243,10 @@ def _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, step, BLOCK_V: tl.constexpr):
     """The kept set z >= tau (key(z) <= W): its exp(z) mass and, if ``draw``, the Gumbel-max token."""
     offs0 = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
-    mass = tl.zeros([], dtype=tl.float32)
+    mass = tl.full([], 0, tl.float32)
     best = tl.full([], neg_inf, tl.float32)
     lane_s = tl.full([BLOCK_V], neg_inf, tl.float32)
-    lane_idx = tl.zeros([BLOCK_V], dtype=tl.int32)
+    lane_idx = tl.full([BLOCK_V], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + offs0
         mask = offs < V
@@ -262,7 +270,7 @@ def _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, step, BLOCK_V: tl.constexpr):
 def _compact(finish_ptr, active_idx_ptr, num_active_ptr, B, BLOCK_B: tl.constexpr):
     """Order-preserving indices of the running rows, padded with -1, and their count."""
     offs0 = tl.arange(0, BLOCK_B)
-    count = tl.zeros([], dtype=tl.int32)
+    count = tl.full([], 0, tl.int32)
     for start in range(0, B, BLOCK_B):
         offs = start + offs0
         mask = offs < B
@@ -348,7 +356,7 @@ def _decode_step_kernel(
         plain = ~greedy & ~k_on & ~p_on & ~m_on
         k0, k1 = seed_key(tl.load(seed_ptr + row))
         x_ptr = logits_ptr + row64 * stride_l
-        logits_bad = tl.zeros([], dtype=tl.int1)
+        logits_bad = tl.full([], 0, tl.int1)
         if value_bad == 0:
             n_bad, M, arg, sum_exp, certified, drawn = _scan_row(x_ptr, V, t, plain & draw, k0, k1, n, BLOCK_V)
             logits_bad = (n_bad > 0) | (M == float("-inf"))
@@ -365,7 +373,8 @@ def _decode_step_kernel(
                         W = _search_threshold(x_ptr, V, M, t, W, top_k.to(tl.float32), 0.0,
                                               False, BLOCK_V, NT)
                     if p_on:
-                        W = _search_threshold(x_ptr, V, M, t, W, -1.0, top_p, True, BLOCK_V, NT)
+                        W = _search_threshold(x_ptr, V, M, t, W, tl.full([], -1.0, tl.float32), top_p,
+                                              True, BLOCK_V, NT)
                     if m_on:
                         W = tl.minimum(W, _key(tl.log(min_p)))
                     mass, token = _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, n, BLOCK_V)
@@ -377,7 +386,7 @@ def _decode_step_kernel(
         # 5. State updates.
         bad = value_bad | logits_bad
         closes = draw & (phase == 0) & (exit_len > 0) & (token == tl.load(exit_ptr + row64 * X))
-        is_eos = tl.zeros([], dtype=tl.int1)
+        is_eos = tl.full([], 0, tl.int1)
         for e0 in range(0, E, BLOCK_E):
             ee = e0 + tl.arange(0, BLOCK_E)
             ids = tl.load(eos_ptr + row64 * E + ee, mask=ee < E, other=-1)
@@ -468,6 +477,9 @@ def decode_step(
             torch.empty(B, dtype=torch.float32, device=dev), torch.empty(B, dtype=torch.int64, device=dev),
             torch.empty((), dtype=torch.int64, device=dev),
         )
+    if B == 0:  # nothing to launch (a grid of zero programs would never reset the ticket)
+        out.num_active.zero_()
+        return out
     if head is not None:
         w1, b1, w2, b2 = (t.contiguous() for t in head)
         R, d = w1.shape[0], w1.shape[1] - 2
