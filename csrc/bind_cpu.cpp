@@ -18,4 +18,21 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
       py::arg("outputs"), py::arg("num_threads"));
+  // The generator's pieces on their own, so tests hold them to the reference bit for bit.
+  m.def(
+      "random_words",
+      [](uint64_t seed, uint32_t step, uint32_t stream, uint32_t num) {
+        std::vector<uint32_t> w(num);
+        for (uint32_t i = 0; i < num; ++i) w[i] = hk::philox_word(seed, step, stream, i);
+        return w;
+      },
+      py::arg("seed"), py::arg("step"), py::arg("stream"), py::arg("num"));
+  m.def(
+      "gumbel_from_words",
+      [](const std::vector<uint32_t>& words) {
+        std::vector<float> g(words.size());
+        for (size_t i = 0; i < words.size(); ++i) g[i] = hk::gumbel_from_word(words[i]);
+        return g;
+      },
+      py::arg("words"));
 }

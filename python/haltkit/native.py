@@ -71,17 +71,33 @@ class NativeBackend:
         Returns:
             A :class:`~haltkit.StepOutput`.
         """
+        B = logits.shape[0]
+        dev = logits.device
+        out = StepOutput(
+            torch.empty(B, dtype=torch.int64, device=dev),
+            torch.empty(B, dtype=torch.float32, device=dev),
+            torch.empty(B, dtype=torch.float32, device=dev),
+            torch.empty(B, dtype=torch.int64, device=dev),
+            torch.zeros((), dtype=torch.int64, device=dev),
+        )
+        return self.decode_step_into(out, logits, hidden, requests, state, head)
+
+    def decode_step_into(
+        self,
+        out: StepOutput,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None,
+        requests: RequestBatch,
+        state: DecodeState,
+        head: HeadWeights | None,
+    ) -> StepOutput:
+        """:meth:`decode_step` writing into ``out`` (contiguous tensors of the output shapes and
+        dtypes, e.g. poisoned by a test to show that every element is written). Returns ``out``."""
         B, V = logits.shape
         dev = logits.device
-        tokens = torch.empty(B, dtype=torch.int64, device=dev)
-        logprobs = torch.empty(B, dtype=torch.float32, device=dev)
-        values = torch.empty(B, dtype=torch.float32, device=dev)
-        active_idx = torch.empty(B, dtype=torch.int64, device=dev)
-        num_active = torch.zeros((), dtype=torch.int64, device=dev)
-        out = StepOutput(tokens, logprobs, values, active_idx, num_active)
         if B == 0:
+            out.num_active.zero_()
             return out
-
         logits = _rows(logits)
         if head is None:
             hid = (0, 0, 0, 0)

@@ -1,0 +1,314 @@
+"""Shared test vectors of the native backends, and how a backend's step is held to the reference.
+
+Used in-process by ``test_native.py`` (backends "cpu" and, on a GPU, "cuda") and in a subprocess
+by its sanitizer test, which loads an ASan + UBSan build of ``haltkit._cpu`` in place of the real
+one and runs :func:`run_all` over the same vectors.
+
+What must match exactly: tokens, the full decode state, finish / think-end reasons, active
+indices and their count. Within ``TOL``: values and log-probs. The documented exceptions are
+float ties, where the reference's own float32 rounding could have gone either way (see
+:func:`float_tie`): the two tokens' Gumbel scores within 1e-5, or a token within float slack of a
+top-p / min-p threshold, or a value within 1e-5 of the price of time. A case stops at its first
+such tie (the two runs have legitimately diverged), and the count of ties is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import haltkit
+from haltkit import DecodeState, ExitPolicy, HeadWeights, Reason, SamplingParams, StepOutput, pack_requests
+from haltkit.backends import backend_module
+from haltkit.reference.decode_step import decode_step as reference_step
+from haltkit.reference.decode_step import filter_threshold, row_is_bad, scaled_logits
+from haltkit.reference.philox import STREAM_TOKEN, gumbel_from_words, random_words
+
+from conftest import TOL
+
+#: Relative slack of the float ties the reference's rounding leaves open.
+TIE_EPS = 1e-5
+STATE_FIELDS = ("num_generated", "think_tokens", "below_count", "phase", "forced_pos", "think_end", "finish_reason")
+
+
+@dataclass
+class Case:
+    """One multi-step scenario: requests, head and a logits generator, on any backend."""
+
+    name: str
+    B: int
+    V: int
+    sampling: list[SamplingParams]
+    exits: list[ExitPolicy]
+    steps: int = 3
+    logits_dtype: torch.dtype = torch.float32
+    head: str = "none"  # "none" | "linear" | "mlp"
+    head_dtype: torch.dtype = torch.float32
+    d: int = 8
+    kind: str = "normal"  # see make_logits
+    strided: bool = False  # logits / hidden rows with padding, state tensors as strided views
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def make_logits(kind: str, B: int, V: int, step: int, gen: torch.Generator) -> torch.Tensor:
+    """[B, V] float32 logits of a given kind (one special row per non-finite kind, rest normal)."""
+    x = torch.randn(B, V, generator=gen) * 3.0
+    if kind == "grid":  # coarse values: ties everywhere
+        x = torch.randint(-3, 2, (B, V), generator=gen).float() * 0.5
+    elif kind == "peaked":  # one token far above the rest, as trained models produce
+        x = torch.randn(B, V, generator=gen) * 2.0 - 20.0
+        x[torch.arange(B), torch.randint(0, V, (B,), generator=gen)] = 5.0
+    elif kind == "nonfinite":
+        rows = torch.arange(B)
+        x[rows % 7 == 0, (step * 13) % V] = math.nan
+        x[rows % 7 == 1, (step * 5) % V] = math.inf
+        x[rows % 7 == 2] = -math.inf
+        x[rows % 7 == 3] = -math.inf
+        x[rows % 7 == 3, (step * 3) % V] = 1.5  # one finite entry: a valid row
+        masked = (torch.rand(B, V, generator=gen) < 0.4) & (rows % 7 == 4)[:, None]
+        x[masked] = -math.inf
+        x[rows % 7 == 4, 0] = 0.0
+    elif kind == "flat":
+        x[:] = 0.25
+    return x
+
+
+def make_head(kind: str, d: int, dtype: torch.dtype, gen: torch.Generator) -> HeadWeights | None:
+    if kind == "none":
+        return None
+    head = haltkit.MarginalValueHead(d, hidden=5 if kind == "mlp" else 0, dtype=dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return head.weights()
+
+
+def _layout(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """The same values in rows padded by ``pad`` columns (row stride != width)."""
+    wide = torch.full((t.shape[0], t.shape[1] + pad), float("nan"), dtype=t.dtype, device=t.device)
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+def _strided_state(state: DecodeState) -> DecodeState:
+    """The same state held in every other element of larger buffers (non-contiguous views)."""
+    views = []
+    for t in state.tensors():
+        buf = torch.full((2 * t.shape[0],), -7, dtype=t.dtype, device=t.device)
+        buf[::2] = t
+        views.append(buf[::2])
+    return DecodeState(*views)
+
+
+def float_tie(logits: torch.Tensor, requests: haltkit.RequestBatch, before: DecodeState, row: int,
+              tokens: tuple[int, int]) -> bool:
+    """Whether the reference's float32 rounding could have picked either of two tokens at ``row``."""
+    x = logits.float()[row : row + 1].cpu()
+    r = haltkit.RequestBatch(*(t[row : row + 1].cpu() for t in requests.tensors()))
+    if bool(row_is_bad(x)[0]) or float(r.temperature[0]) == 0:
+        return False  # greedy tokens and the row check involve no rounding
+    z = scaled_logits(x, r.temperature)
+
+    def tau(p_scale: float, m_scale: float) -> float:
+        top_p = torch.clamp(r.top_p * p_scale, max=1.0) if float(r.top_p[0]) < 1 else r.top_p
+        return float(filter_threshold(z, r.top_k, top_p, r.min_p * m_scale)[0])
+
+    lo, hi = tau(1 + TIE_EPS, 1 - TIE_EPS), tau(1 - TIE_EPS, 1 + TIE_EPS)
+    step = before.num_generated[row : row + 1].cpu()
+    score = z[0] + gumbel_from_words(random_words(r.seed, step, STREAM_TOKEN, x.shape[1]))[0]
+    a, b = tokens
+    if any(lo <= float(z[0, t]) < hi for t in (a, b)):
+        return True  # a token on the edge of the kept set
+    sa, sb = float(score[a]), float(score[b])
+    return abs(sa - sb) <= TIE_EPS * (1 + abs(sa))
+
+
+def value_tie(values: torch.Tensor, requests: haltkit.RequestBatch, before: DecodeState) -> bool:
+    """Whether some consulted row's value lies within float slack of its price of time."""
+    lam = requests.cost_of_time.cpu()
+    v = values.cpu()
+    consulted = (before.finish_reason.cpu() == Reason.NONE) & (before.phase.cpu() == 0) & (lam > -math.inf)
+    near = (v - lam).abs() <= TIE_EPS * (1 + lam.abs())
+    return bool((consulted & near).any())
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rtol, atol = TOL[dtype]
+    got, want = got.cpu(), want.cpu()
+    same_nonfinite = (got.isnan() & want.isnan()) | (got == want)
+    finite = want.isfinite() & got.isfinite()
+    return same_nonfinite | (finite & ((got - want).abs() <= atol + rtol * want.abs()))
+
+
+def compare_step(where: str, logits, requests, before: DecodeState, ref: StepOutput, ref_state: DecodeState,
+                 got: StepOutput, got_state: DecodeState) -> bool:
+    """Asserts one step agrees; returns False when a float tie made the runs diverge (stop there)."""
+    tie = value_tie(ref.values, requests, before)
+    rt, gt = ref.tokens.cpu(), got.tokens.cpu()
+    for b in torch.nonzero(rt != gt).flatten().tolist():
+        if float_tie(logits, requests, before, b, (int(rt[b]), int(gt[b]))):
+            tie = True
+        else:
+            raise AssertionError(f"{where}: row {b} token {int(gt[b])}, reference {int(rt[b])}")
+    if tie:
+        return False
+    ok_lp = _close(got.logprobs, ref.logprobs, logits.dtype)
+    for b in torch.nonzero(~ok_lp).flatten().tolist():
+        # A kept set that differs only on a float edge changes the mass, not the token.
+        if not float_tie(logits, requests, before, b, (int(rt[b]), int(rt[b]))):
+            raise AssertionError(f"{where}: row {b} logprob {float(got.logprobs[b])}, reference {float(ref.logprobs[b])}")
+        return False
+    bad_v = ~_close(got.values, ref.values, logits.dtype)
+    assert not bad_v.any(), f"{where}: values {got.values[bad_v].tolist()}, reference {ref.values[bad_v].tolist()}"
+    for name in STATE_FIELDS:
+        g, w = getattr(got_state, name).cpu(), getattr(ref_state, name).cpu()
+        assert torch.equal(g, w), f"{where}: state.{name} {g.tolist()}, reference {w.tolist()}"
+    assert torch.equal(got.active_idx.cpu(), ref.active_idx.cpu()), f"{where}: active_idx"
+    assert int(got.num_active) == int(ref.num_active), f"{where}: num_active"
+    return True
+
+
+def run_case(case: Case, backend: str = "cpu", device: str = "cpu") -> int:
+    """Runs ``case`` on ``backend`` and the reference step by step; returns the float ties met (0 or 1)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    head = make_head(case.head, case.d, case.head_dtype, gen)
+    head_dev = None if head is None else HeadWeights(*(t.to(device) for t in head))
+    requests = pack_requests(case.sampling, case.exits, case.V, case.B)
+    req_dev = requests.to(device)
+    ref_state = DecodeState.new(case.B)
+    got_state = DecodeState.new(case.B, device)
+    if case.strided:
+        got_state = _strided_state(got_state)
+    for step in range(case.steps):
+        x = make_logits(case.kind, case.B, case.V, step, gen).to(case.logits_dtype)
+        h = None if head is None else (torch.randn(case.B, case.d, generator=gen)).to(case.head_dtype)
+        if h is not None and case.kind == "nonfinite":
+            h[torch.arange(case.B) % 7 == 5, 0] = math.nan
+        xd = x.to(device)
+        hd = None if h is None else h.to(device)
+        if case.strided:
+            xd = _layout(xd, 3)
+            hd = None if hd is None else _layout(hd, 5)
+        before = ref_state.clone()
+        ref = reference_step(x, h, requests, ref_state, head)
+        got = haltkit.decode_step(xd, hd, req_dev, got_state, head_dev, backend=backend)
+        if not compare_step(f"{case} step {step}", x, requests, before, ref, ref_state, got, got_state):
+            return 1
+    return 0
+
+
+def _mixed(V: int, seed: int) -> tuple[list[SamplingParams], list[ExitPolicy]]:
+    """Seven requests covering every filter combination and every exit rule."""
+    samp = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=seed + 1),
+        SamplingParams(temperature=1.2, top_k=5, seed=seed + 2),
+        SamplingParams(min_p=0.1, seed=seed + 3),
+        SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.02, seed=seed + 4),
+        SamplingParams(temperature=1.0, top_k=max(1, V // 3), top_p=0.5, seed=2**62 + seed),
+        SamplingParams(temperature=1.0, seed=seed + 6),
+    ]
+    exits = [
+        ExitPolicy(cost_of_time=0.1, patience=2, max_new_tokens=50, thinking_budget=2, exit_tokens=(3 % V, 4 % V)),
+        ExitPolicy(cost_of_time=-0.3, max_new_tokens=3, eos_token_ids=(0, 1 % V)),
+        ExitPolicy(thinking_budget=1, exit_tokens=(V - 1,)),
+        ExitPolicy(cost_of_time=0.2, min_new_tokens=1, patience=1),
+        ExitPolicy(max_new_tokens=2),
+        ExitPolicy(eos_token_ids=tuple(range(min(V, 4)))),
+        ExitPolicy(cost_of_time=0.05, patience=3, exit_tokens=(2 % V, 5 % V, 7 % V), thinking_budget=3),
+    ]
+    return samp, exits
+
+
+def cases(large: bool = True) -> list[Case]:
+    """The shared vectors. ``large`` adds a V = 151936 case (the benchmark's vocabulary)."""
+    out = []
+    for V, dtype, head, hd, kind, steps in [
+        (4099, torch.float32, "mlp", torch.float32, "normal", 4),
+        (111, torch.bfloat16, "linear", torch.bfloat16, "normal", 4),
+        (32000, torch.float16, "mlp", torch.float16, "normal", 2),
+        (257, torch.float32, "mlp", torch.float32, "nonfinite", 3),
+        (64, torch.float32, "linear", torch.float32, "grid", 4),
+        (4099, torch.float32, "none", torch.float32, "peaked", 3),
+        (1000, torch.bfloat16, "mlp", torch.float16, "flat", 2),
+    ]:
+        samp, exits = _mixed(V, seed=V)
+        if head == "none":
+            exits = [ExitPolicy(max_new_tokens=e.max_new_tokens, eos_token_ids=e.eos_token_ids,
+                                thinking_budget=e.thinking_budget, exit_tokens=e.exit_tokens) for e in exits]
+        out.append(Case(f"V{V}-{str(dtype)[6:]}-{head}-{kind}", 7, V, samp, exits, steps, dtype, head, hd, kind=kind, seed=V))
+    samp, exits = _mixed(33, seed=5)
+    out.append(Case("B99-V33-strided", 99, 33, samp * 14 + samp[:1], exits * 14 + exits[:1], 3, head="mlp",
+                    strided=True, seed=99))
+    one = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=3) for t, k, p in [(0, 0, 1), (1, 1, 0.5), (2, 0, 1)]]
+    out.append(Case("V1", 3, 1, one, [ExitPolicy(max_new_tokens=2, eos_token_ids=(0,))] * 3, 3, head="linear"))
+    out.append(Case("B1-V2", 1, 2, [SamplingParams(temperature=0.5, top_p=0.3, seed=9)], [ExitPolicy(max_new_tokens=9)], 5))
+    if large:
+        V = 151936
+        samp = [SamplingParams(temperature=1.0, top_p=0.9, seed=1), SamplingParams(temperature=0.8, top_k=20000, top_p=0.7, seed=2),
+                SamplingParams(temperature=1.0, top_k=50, seed=3), SamplingParams(temperature=0.0)]
+        out.append(Case("V151936", 4, V, samp, [ExitPolicy(max_new_tokens=8)] * 4, 2, seed=7))
+    return out
+
+
+def bad_inputs() -> list[tuple[str, dict, type]]:
+    """Calls haltkit.decode_step must refuse before any kernel runs: (what, kwargs, exception)."""
+    B, V, d = 3, 50, 4
+    req = pack_requests(SamplingParams(), ExitPolicy(), V, B)
+    head = make_head("linear", d, torch.float32, torch.Generator().manual_seed(0))
+    x, h = torch.randn(B, V), torch.randn(B, d)
+    st = DecodeState.new
+    return [
+        ("1-D logits", dict(logits=torch.randn(V), hidden=None, requests=req, state=st(B)), ValueError),
+        ("integer logits", dict(logits=torch.ones(B, V, dtype=torch.int32), hidden=None, requests=req, state=st(B)), ValueError),
+        ("empty vocabulary", dict(logits=torch.randn(B, 0), hidden=None, requests=req, state=st(B)), ValueError),
+        ("batch mismatch", dict(logits=torch.randn(B + 1, V), hidden=None, requests=req, state=st(B + 1)), ValueError),
+        ("state batch mismatch", dict(logits=x, hidden=None, requests=req, state=st(B - 1)), ValueError),
+        ("int64 state", dict(logits=x, hidden=None, requests=req,
+                             state=DecodeState(*(t.long() for t in st(B).tensors()))), ValueError),
+        ("hidden without head", dict(logits=x, hidden=h, requests=req, state=st(B)), ValueError),
+        ("head without hidden", dict(logits=x, hidden=None, requests=req, state=st(B), head=head), ValueError),
+        ("hidden of the wrong width", dict(logits=x, hidden=torch.randn(B, d + 1), requests=req, state=st(B), head=head), ValueError),
+        ("requests not packed", dict(logits=x, hidden=None, requests=object(), state=st(B)), TypeError),
+    ]
+
+
+def run_bad_inputs(backend: str = "cpu") -> None:
+    for what, kwargs, exc in bad_inputs():
+        try:
+            haltkit.decode_step(**kwargs, backend=backend)
+        except exc:
+            continue
+        raise AssertionError(f"{what}: decode_step did not raise {exc.__name__}")
+
+
+def run_bad_binding_calls(module) -> None:
+    """The binding's own checks (the last line of defence when it is called directly)."""
+    z = (0,) * 15
+    calls = [
+        ((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, z[:-1], (0,) * 7, (0,) * 5),  # a request field missing
+        ((0, 0, 0, 0, 1), (0,) * 4, (0,) * 7, z[:13] + (1, 1), (0,) * 7, (0,) * 5),  # B = 0
+        ((0, 0, 0, 1, 2**31), (0,) * 4, (0,) * 7, z[:13] + (1, 1), (0,) * 7, (0,) * 5),  # V >= 2^31
+        ((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, z[:13] + (0, 1), (0,) * 7, (0,) * 5),  # no eos column
+    ]
+    for args in calls:
+        try:
+            module.decode_step(*args, 1)
+        except ValueError:
+            continue
+        raise AssertionError(f"binding accepted {args}")
+
+
+def run_all(backend: str = "cpu", large: bool = True) -> int:
+    """Every vector, bad input and binding check; returns the number of float ties met."""
+    ties = sum(run_case(c, backend) for c in cases(large))
+    run_bad_inputs(backend)
+    if backend == "cpu":
+        run_bad_binding_calls(backend_module("cpu").module)
+    return ties
