@@ -272,6 +272,6 @@ def test_shipped_head_and_draft_fit_the_target(toy):
     assert sum(p.numel() for p in toy.draft.parameters()) < sum(p.numel() for p in toy.target.parameters())
     assert toy.draft.config.vocab_size == cfg.vocab_size == toy.tokenizer.vocab_size
     assert toy.head.d_model == cfg.hidden_size
-    assert toy.exit_tokens == toy.tokenizer.encode("</think>A:")
+    assert list(toy.exit_tokens) == toy.tokenizer.encode("</think>A:")
     policy = toy.exit_policy(cost_of_time=0.01)
     assert policy.exit_tokens == toy.exit_tokens and policy.eos_token_ids == (toy.eos_token_id,)
