@@ -26,8 +26,8 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
-from typing import Callable
 
 from .tokenizer import ANSWER_PREFIX, END_THINK, EOS, THINK
 
@@ -105,7 +105,7 @@ def parse_answer(text: str) -> str:
 
 
 def is_held_out(problem: Problem) -> bool:
-    """True for the tenth of all problems reserved for evaluation (never trained on).
+    """True for about a tenth of all problems, reserved for evaluation (never trained on).
 
     The split is a hash of the question, so it holds for every sampler and seed.
     """
@@ -249,13 +249,9 @@ class JsonlTask:
 
 
 def _last_number(text: str) -> float | None:
-    import re
-
     found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
     if not found:
         return None
     x = float(found[-1])
     return x if math.isfinite(x) else None
 
-
-Verifier = Callable[[Problem, str], float]
