@@ -232,6 +232,18 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path):
     assert torch.equal(loaded(x, n, b), head(x, n, b))
 
 
+def test_lm_training_is_a_function_of_its_seed():
+    from haltkit.train.toy import TrainConfig, train_lm
+
+    def run(seed: int) -> torch.Tensor:
+        model = tiny_llama(seed=seed)
+        train_lm(model, TrainConfig(steps=3, batch_size=4, warmup=1, difficulties=(1, 2), group=2, seed=seed))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
 def test_train_head_cli_writes_a_head_the_kernels_read(tmp_path):
     from haltkit.cli import main
     from haltkit.train.toy import save_model
