@@ -145,6 +145,32 @@ def test_a_row_does_not_depend_on_the_batch_around_it(backend):
         assert bool(same_bits), (b, float(one.logprobs[0]), float(full.logprobs[b]))  # NaN included
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_filter_thresholds_keep_ties_and_stop_where_the_mass_reaches_top_p_exactly(backend):
+    dev = _device(backend)
+    # exp(z) rounds to 1.0f for -2.9e-8 < z <= 0, so these cumulative masses hit the top-p target
+    # exactly: the kept set ends at the first token whose cumulative mass reaches it (>=).
+    near_zero = torch.tensor([0.0, -1e-8, -1.5e-8, -2e-8, -20.0])
+    assert torch.equal(torch.exp(near_zero[:4]), torch.ones(4))
+    rows = {  # (sampling, logits, kept set)
+        "top_p reached exactly": (dict(top_p=0.5), near_zero, {0, 1}),
+        "top_k ties kept": (dict(top_k=2), torch.tensor([1.0, 3.0, 1.0, 3.0, 3.0]), {1, 3, 4}),
+        "top_k then top_p": (dict(top_k=4, top_p=0.75), near_zero, {0, 1, 2}),
+        "min_p 1 keeps the tied maxima": (dict(min_p=1.0), torch.tensor([2.0, 5.0, 5.0, -1.0, 5.0]), {1, 2, 4}),
+    }
+    B = 64
+    for what, (filt, x, kept) in rows.items():
+        req = pack_requests([SamplingParams(seed=s, **filt) for s in range(B)], ExitPolicy(), 5)
+        logits = x.expand(B, 5).contiguous()
+        ref = reference_step(logits, None, req, DecodeState.new(B), None)
+        got = haltkit.decode_step(logits.to(dev), None, req.to(dev), DecodeState.new(B, dev), backend=backend)
+        assert set(got.tokens.tolist()) == kept, what  # 64 draws from a uniform set of <= 3: all appear
+        assert got.tokens.tolist() == ref.tokens.tolist(), what
+        z = (x - x.max())[got.tokens.cpu()]
+        want = z - math.log(float(torch.exp(x - x.max())[sorted(kept)].sum()))
+        torch.testing.assert_close(got.logprobs.cpu(), want.float(), rtol=1e-5, atol=1e-5, msg=what)
+
+
 # --- outputs and state ---------------------------------------------------------------------------
 
 
