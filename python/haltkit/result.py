@@ -17,8 +17,9 @@ class GenerateResult:
         text: B decoded strings when a tokenizer was given, else None.
         finish_reason: B of "eos", "length", "value", "budget", "error".
         think_end: B of "none", "value", "budget", "model": why the thinking phase ended.
-        values: B lists, the head's value at each step it was evaluated (NaN where the
-            sequence was in its answer phase or there is no head); entry i is step i's.
+        values: B lists, the head's value at every step (NaN without a head); entry i is step
+            i's, and a sequence that ended without a token (a value exit, an error) has one more
+            entry than tokens: the value of that last step.
         num_steps: B token counts (the length of ``tokens``).
         think_tokens: B counts of tokens generated in the thinking phase.
         drafted: B counts of drafted tokens offered for verification (0 without a draft).
