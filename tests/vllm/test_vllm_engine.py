@@ -146,14 +146,18 @@ def test_malformed_parameters_are_refused_at_admission_with_exit_policy_errors(s
     assert run(step_llm, PROMPTS[:2], greedy()) == [(plain[p], reason_of(plain[p])) for p in PROMPTS[:2]]
 
 
-def test_a_request_that_could_not_finish_on_an_exit_is_refused(step_llm):
+def test_a_request_that_could_not_finish_on_an_exit_is_refused(step_llm, plain):
     bad = SamplingParams(max_tokens=8, ignore_eos=True, extra_args={"cost_of_time": 0.0})
     with pytest.raises(VLLMValidationError, match="cannot finish on a value or budget exit"):
         step_llm.generate(PROMPTS[:1], bad, use_tqdm=False)
-    ok = SamplingParams(temperature=0, max_tokens=BUDGET, ignore_eos=True, stop_token_ids=[EOS],
+    # With ignore_eos and a halt id of the user's own first in stop_token_ids, a haltkit exit is
+    # told apart from the model's EOS by stop_reason.
+    halt = 97
+    ok = SamplingParams(temperature=0, max_tokens=BUDGET, ignore_eos=True, stop_token_ids=[halt, EOS],
                         extra_args={"cost_of_time": -2.0})
-    (toks, reason), = run(step_llm, PROMPTS[:1], [ok])
-    assert len(toks) == 3 and toks[-1] == EOS and reason == "stop"
+    out = step_llm.generate(PROMPTS[:1], ok, use_tqdm=False)[0].outputs[0]
+    assert list(out.token_ids) == plain[PROMPTS[0]][:2] + [halt]
+    assert out.finish_reason == "stop" and out.stop_reason == halt
 
 
 def test_requests_preempted_by_a_full_kv_cache_keep_their_exit_state(tiny_model, new_llm, tmp_path):

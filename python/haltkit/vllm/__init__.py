@@ -113,6 +113,16 @@ def exit_policy_from_args(
                       eos_token_ids=tuple(eos_token_ids))
 
 
+def _check_model_runner() -> None:
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+        raise RuntimeError(
+            "haltkit.vllm implements the logits-processor interface of vLLM's V1 model runner; on a "
+            "GPU vLLM 0.32 defaults to Model Runner V2: set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+
+
 def _head_config(value_head: str | os.PathLike | None) -> dict[str, Any]:
     if value_head is None:
         return {}
@@ -140,11 +150,14 @@ def engine_args(value_head: str | os.PathLike | None = None, **engine_kwargs: An
     Raises:
         ImportError: vLLM is not installed.
         FileNotFoundError / ValueError: the head file is missing or not a haltkit head.
+        RuntimeError: a GPU is visible and vLLM would pick its Model Runner V2, whose
+            logits-processor interface this processor does not implement.
 
     Example:
         >>> llm = LLM(model_dir, **haltkit.vllm.engine_args(value_head="head.safetensors", dtype="bfloat16"))
     """
     _need_vllm()
+    _check_model_runner()
     kwargs = dict(engine_kwargs)
     procs = list(kwargs.pop("logits_processors", None) or [])
     kwargs["logits_processors"] = procs + [PROCESSOR]

@@ -1,0 +1,74 @@
+"""haltkit.vllm's boundary without an engine: request parameters, engine and server arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import haltkit.vllm
+from haltkit import ExitPolicy
+from haltkit.vllm import engine_args, exit_policy_from_args, server_args
+
+
+def test_requests_without_haltkit_parameters_get_no_policy():
+    assert exit_policy_from_args(None) is None
+    assert exit_policy_from_args({}) is None
+    assert exit_policy_from_args({"session_id": "x", "other_processor_arg": 3}) is None
+
+
+def test_parameters_become_the_exit_policy_with_vllm_length_and_stop_ids():
+    pol = exit_policy_from_args({"cost_of_time": 1, "patience": 2, "exit_tokens": 7, "session_id": "x"},
+                                max_tokens=40, eos_token_ids=(2, 9))
+    assert pol == ExitPolicy(cost_of_time=1, patience=2, max_new_tokens=40, eos_token_ids=(2, 9), exit_tokens=(7,))
+
+
+@pytest.mark.parametrize("key, hint", [("max_new_tokens", "max_tokens"), ("eos_token_ids", "stop_token_ids"),
+                                       ("thinking_budgte", "did you mean 'thinking_budget'")])
+def test_vllm_owned_fields_and_near_misses_raise(key, hint):
+    with pytest.raises(ValueError, match=hint):
+        exit_policy_from_args({key: 3})
+
+
+def test_engine_args_extend_rather_than_replace_the_callers_settings(tmp_path):
+    head = haltkit.MarginalValueHead(16)
+    head.save(tmp_path / "h.safetensors")
+    kw = engine_args(value_head=tmp_path / "h.safetensors", logits_processors=["x:Y"],
+                     additional_config={"other": 1}, dtype="float32")
+    assert kw["logits_processors"] == ["x:Y", haltkit.vllm.PROCESSOR]
+    assert kw["additional_config"] == {"other": 1, "haltkit": {"value_head": str(tmp_path / "h.safetensors")}}
+    assert kw["dtype"] == "float32"
+    flags = server_args(tmp_path / "h.safetensors")
+    assert flags[:2] == ["--logits-processors", haltkit.vllm.PROCESSOR]
+    assert json.loads(flags[3]) == {"haltkit": kw["additional_config"]["haltkit"]}
+
+
+def test_engine_args_check_the_head_file_before_any_engine_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        engine_args(value_head=tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a haltkit value head"):
+        engine_args(value_head=tmp_path / "other.safetensors")
+
+
+def test_engine_args_refuse_vllms_gpu_model_runner_v2(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        engine_args()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert engine_args()["logits_processors"] == [haltkit.vllm.PROCESSOR]
+
+
+def test_without_vllm_the_module_imports_and_says_what_is_missing(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert exit_policy_from_args({"patience": 2}).patience == 2  # the vLLM-free part still works
+    with pytest.raises(ImportError, match="haltkit.vllm needs vLLM"):
+        engine_args()
+    with pytest.raises(ImportError, match="haltkit.vllm needs vLLM"):
+        haltkit.vllm.ValueExitLogitsProcessor
