@@ -94,7 +94,7 @@ def token_words(k0, k1, step, stream, start, BLOCK: tl.constexpr):
     """
     QUARTER: tl.constexpr = BLOCK // 4
     c0 = (start // 4 + tl.arange(0, QUARTER)).to(tl.uint32)
-    base = tl.zeros([QUARTER], dtype=tl.int32)
+    base = tl.full([QUARTER], 0, tl.int32)
     c1 = (base + step).to(tl.uint32)
     c2 = (base + stream).to(tl.uint32)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, base.to(tl.uint32), k0, k1)

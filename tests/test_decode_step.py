@@ -69,7 +69,7 @@ def triton_step(logits, hidden, requests, state, head, *, block_v=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def near_tie(x: torch.Tensor, requests, b: int, step: int, token: int, use_variants: bool = True) -> bool:
+def near_tie(x: torch.Tensor, requests, b: int, step: int, token: int) -> bool:
     """Whether ``token`` is a legitimate draw of row ``b`` besides the reference's own.
 
     True when, for top_p / min_p within BOUNDARY_EPS of the request's (or exactly them), the token
@@ -80,10 +80,10 @@ def near_tie(x: torch.Tensor, requests, b: int, step: int, token: int, use_varia
     if T == 0:
         return False
     z = scaled_logits(x[b : b + 1].float(), r.temperature[b : b + 1])[0]
-    noise = gumbel_from_words(random_words(r.seed[b : b + 1].cpu(), torch.tensor([step]), STREAM_TOKEN, x.shape[1]))[0]
-    for p, m in _variants(float(r.top_p[b]), float(r.min_p[b])) if use_variants else [(float(r.top_p[b]), float(r.min_p[b]))]:
-        tau = filter_threshold(z[None], r.top_k[b : b + 1].cpu(), torch.tensor([p]), torch.tensor([m]))[0]
-        score = torch.where(z >= tau, z + noise.to(z.device), torch.tensor(-math.inf))
+    noise = gumbel_from_words(random_words(r.seed[b : b + 1], torch.tensor([step]), STREAM_TOKEN, x.shape[1]))[0]
+    for p, m in _variants(float(r.top_p[b]), float(r.min_p[b])):
+        tau = filter_threshold(z[None], r.top_k[b : b + 1], torch.tensor([p]), torch.tensor([m]))[0]
+        score = torch.where(z >= tau, z + noise, torch.tensor(-math.inf))
         best = float(score.max())
         if z[token] >= tau and float(score[token]) >= best - SCORE_EPS * max(1.0, abs(best)):
             return True
@@ -102,7 +102,7 @@ def logprob_variants(x: torch.Tensor, requests, b: int, token: int) -> list[floa
     z = scaled_logits(x[b : b + 1].float(), r.temperature[b : b + 1])[0]
     out = []
     for p, m in _variants(float(r.top_p[b]), float(r.min_p[b])):
-        tau = filter_threshold(z[None], r.top_k[b : b + 1].cpu(), torch.tensor([p]), torch.tensor([m]))[0]
+        tau = filter_threshold(z[None], r.top_k[b : b + 1], torch.tensor([p]), torch.tensor([m]))[0]
         kept = z >= tau
         out.append(float(z[token] - torch.log(torch.exp(z[kept]).sum())) if kept[token] else -math.inf)
     return out
@@ -129,8 +129,7 @@ def compare_step(logits, hidden, requests, s_ref: DecodeState, s_tri: DecodeStat
     from then on: the caller stops comparing that scenario.
     """
     pre = s_ref.clone()
-    hidden_ref = None if hidden is None else hidden.clone()
-    o_ref = haltkit.decode_step(logits, hidden_ref, requests, s_ref, head, backend="torch")
+    o_ref = haltkit.decode_step(logits, hidden, requests, s_ref, head, backend="torch")
     o_tri = triton_step(logits, hidden, requests, s_tri, head, block_v=block_v)
     x = logits.float().cpu()
     req = requests.to("cpu")
