@@ -497,3 +497,25 @@ def test_greedy_takes_first_maximum_and_its_raw_log_softmax(backend):
     assert out.tokens.tolist() == want.tolist()
     lsm = torch.log_softmax(xb, 1).gather(1, want[:, None])[:, 0]
     torch.testing.assert_close(out.logprobs.double(), lsm, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_traces_whole_under_torch_compile():
+    # The benchmark compiles the reference; `tensor == Reason.NONE` once traced to a Python bool.
+    # Dynamo's "eager" backend checks the trace without paying for code generation.
+    V, B = 50, 3
+    samp = [SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(temperature=0.0),
+            SamplingParams(top_k=3, min_p=0.1, seed=2)]
+    req = pack_requests(samp, ExitPolicy(cost_of_time=0.0, exit_tokens=(5,), eos_token_ids=(2,)), V)
+    gen = torch.Generator().manual_seed(0)
+    logits, hidden = torch.randn(B, V, generator=gen), torch.randn(B, D_MODEL, generator=gen)
+    head = scenario_head("mlp", torch.float32, gen)
+    compiled = torch.compile(reference_step, backend="eager", fullgraph=True)
+    s_eager, s_compiled = DecodeState.new(B), DecodeState.new(B)
+    s_eager.finish_reason[1] = EOS
+    s_compiled.finish_reason[1] = EOS
+    want = reference_step(logits, hidden, req, s_eager, head)
+    got = compiled(logits, hidden, req, s_compiled, head)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(s_compiled.tensors(), s_eager.tensors()):
+        assert torch.equal(a, b)

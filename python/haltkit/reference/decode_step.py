@@ -102,7 +102,8 @@ def compact(finish_reason: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ([B] int64, [] int64).
     """
     B = finish_reason.shape[0]
-    running = finish_reason == Reason.NONE
+    # int(): torch.compile traces `tensor == IntEnum` to a Python bool instead of a tensor.
+    running = finish_reason == int(Reason.NONE)
     pos = torch.cumsum(running.to(torch.int64), 0) - 1
     # Finished rows scatter into a spill slot B that is cut off afterwards.
     dest = torch.where(running, pos, torch.full_like(pos, B))
@@ -134,7 +135,7 @@ def decode_step(
     x = logits.float()
     r, s = requests, state
     n = s.num_generated
-    running = s.finish_reason == Reason.NONE
+    running = s.finish_reason == int(Reason.NONE)
     bad = running & row_is_bad(x)
 
     # 2. Value, for every row running at the start of the step.
