@@ -14,8 +14,9 @@ few passes over the logits as the row's sampling parameters allow:
   when it cannot (near ties, ~1e-5 of rows, or extreme temperatures) an exact second pass runs;
 * rows with top-k / top-p: one pass for the max, a threshold search per filter (see
   :func:`_search_threshold`: each search pass counts, or sums exp(z) over, z >= tau for 16
-  candidate thresholds at once and narrows the bracket to present values, so a search takes 2-4
-  passes on typical rows and at most 8), then one pass that sums the kept mass and draws;
+  candidate thresholds at once and narrows the bracket to present values; 3-5 passes per search
+  on the rows of bench/decode_step_passes.py, 9 at most), then one pass that sums the kept mass
+  and draws. Not a sort: the count / mass tests are the reference's definitions of tau_k, tau_p;
 * min-p only: one pass for the max, one to draw (tau_m = log(min_p) needs no search);
 * rows that emit nothing (finished, a value error, a value / budget exit without exit tokens)
   read no logits beyond the row check, and finished rows none at all.
@@ -128,8 +129,9 @@ def _scan_row(x_ptr, V, t, sample, k0, k1, step, BLOCK_V: tl.constexpr):
         lane_max = tl.where(up, x, lane_max)
         lane_arg = tl.where(up, offs, lane_arg)
         m_new = tl.maximum(m, tl.max(x))
-        # Until a finite entry shows up every term is 0; shifting by 0 then avoids -inf - -inf.
-        m_safe = tl.where(m_new > neg_inf, m_new, 0.0)
+        # Until a finite entry shows up every term is 0 (and a +inf makes the row bad): shifting by
+        # 0 then avoids inf - inf.
+        m_safe = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
         lane_sum = lane_sum * tl.exp((m - m_safe) / t) + tl.exp((x - m_safe) / t)
         m = m_new
         if sample:
@@ -215,10 +217,10 @@ def _search_threshold(x_ptr, V, M, t, hi, target, frac,
 
     Invariant: g(lo - 1) < target <= g(hi). Each pass evaluates g at NT thresholds spread over
     [lo - 1, hi] and shrinks the bracket to the present keys of the first interval that reaches
-    the target, so it ends when one distinct value is left: ceil(31 / log2(NT - 1)) passes at
-    most (one more for the first pass, spread over binades), usually 2-4. Not a sort; the same count-above-threshold test as the reference's
-    definition, so ties at the threshold are kept. With MASS, ``target`` < 0 means "frac of the
-    mass up to hi", computed in the first pass.
+    the target, so it ends when one distinct value is left: after the first pass (thresholds at
+    binades) at most ceil(31 / log2(NT - 1)) = 8 more. The kept set is keys <= W, so ties at the
+    threshold are kept. With MASS, ``target`` < 0 means "frac of the mass up to hi", computed in
+    the first pass.
     """
     lo = tl.full([], 0, tl.int32)
     first = lo == 0

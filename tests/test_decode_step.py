@@ -284,14 +284,17 @@ def test_value_head_runs_in_the_kernel_for_every_dtype_and_width(head_dtype, hid
 
 
 def test_single_pass_draw_falls_back_to_an_exact_pass_when_it_cannot_certify():
-    # The one-pass draw ranks tokens by (x - r) / T with r the first tile's max; here the max comes
-    # 1000 later at T = 0.01, so its rounding bound (2**-18 * 1e5 ~ 0.4) exceeds what the
-    # certificate accepts and the exact second pass must decide. Row 1 is the easy case.
-    V, B = 96, 2
+    # The one-pass draw ranks tokens by (x - r) / T with r the first tile's max; in row 0 the max
+    # comes 1000 later at T = 0.01, so its rounding bound (2**-18 * 1e5 ~ 0.4) exceeds what the
+    # certificate accepts and the exact second pass must decide. Row 1 is the easy case; rows 2-4
+    # take temperatures whose z overflow to -inf (ties of the max decide) or flatten everything.
+    V, B = 96, 5
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(B, V, generator=gen)
     x[0, 40:] += 1000.0
-    requests = pack_requests([SamplingParams(temperature=0.01, seed=s) for s in (1, 2)], ExitPolicy(), V)
+    x[2, [50, 70]] = 9.0  # a tied max after the first tile: its shifted keys overflow to +inf
+    requests = pack_requests([SamplingParams(temperature=t, seed=s) for s, t in enumerate((0.01, 0.01, 1e-30, 1e4, 3e38))],
+                             ExitPolicy(), V)
     tally = Tally()
     for step in range(3):
         s = DecodeState.new(B)
