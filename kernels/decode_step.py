@@ -31,8 +31,6 @@ writing its finish reason; the program with the last ticket writes ``active_idx`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +50,12 @@ _PAD_KEY: tl.constexpr = tl.constexpr(0x7FFFFFFF)
 # lanes whose best is more than half of it below the best cannot hold the winner (see _scan_row).
 _SLACK: tl.constexpr = tl.constexpr(1.0)
 _STREAM_TOKEN: tl.constexpr = tl.constexpr(0)
+_EOS: tl.constexpr = tl.constexpr(int(Reason.EOS))
+_LENGTH: tl.constexpr = tl.constexpr(int(Reason.LENGTH))
+_VALUE: tl.constexpr = tl.constexpr(int(Reason.VALUE))
+_BUDGET: tl.constexpr = tl.constexpr(int(Reason.BUDGET))
+_ERROR: tl.constexpr = tl.constexpr(int(Reason.ERROR))
+_MODEL: tl.constexpr = tl.constexpr(int(Reason.MODEL))
 
 
 @triton.jit
@@ -245,7 +249,7 @@ def _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, step, BLOCK_V: tl.constexpr):
     """The kept set z >= tau (key(z) <= W): its exp(z) mass and, if ``draw``, the Gumbel-max token."""
     offs0 = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
-    mass = tl.full([], 0, tl.float32)
+    lane_mass = tl.full([BLOCK_V], 0, tl.float32)
     best = tl.full([], neg_inf, tl.float32)
     lane_s = tl.full([BLOCK_V], neg_inf, tl.float32)
     lane_idx = tl.full([BLOCK_V], 0, tl.int32)
@@ -255,7 +259,7 @@ def _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, step, BLOCK_V: tl.constexpr):
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = tl.math.div_rn(x - M, t)
         zk = tl.where(mask & (_key(z) <= W), z, neg_inf)
-        mass += tl.sum(tl.exp(zk))
+        lane_mass += tl.exp(zk)
         # No token of a skipped tile can reach the best score: each scores z + G <= max z + GUMBEL_MAX.
         zk_max = tl.max(zk)
         if draw & (zk_max > neg_inf) & (zk_max + GUMBEL_MAX >= best):
@@ -265,7 +269,7 @@ def _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, step, BLOCK_V: tl.constexpr):
             lane_idx = tl.where(up, offs, lane_idx)
             best = tl.maximum(best, tl.max(score))
     drawn = tl.min(tl.where(lane_s == best, lane_idx, 2147483647))
-    return mass, drawn
+    return tl.sum(lane_mass), drawn
 
 
 @triton.jit
@@ -337,7 +341,7 @@ def _decode_step_kernel(
         value_exit = consult & (new_below >= tl.load(patience_ptr + row))
         budget_exit = consult & ~value_exit & (budget > 0) & (think_tokens >= budget)
         think_exit = value_exit | budget_exit
-        think_reason = tl.where(value_exit, 3, 4)  # Reason.VALUE, Reason.BUDGET
+        think_reason = tl.where(value_exit, _VALUE, _BUDGET)
         switch = think_exit & (exit_len > 0)
         stop_now = think_exit & (exit_len == 0)
         forced_pos = tl.where(switch, 0, forced_pos)
@@ -394,10 +398,10 @@ def _decode_step_kernel(
             ids = tl.load(eos_ptr + row64 * E + ee, mask=ee < E, other=-1)
             is_eos = is_eos | (tl.sum((ids == token).to(tl.int32)) > 0)
         n_new = n + emit.to(tl.int32)
-        finish = tl.where(bad, 5, tl.where(stop_now, think_reason, tl.where(
-            emit & is_eos, 1, tl.where(emit & (n_new >= max_new), 2, 0))))
+        finish = tl.where(bad, _ERROR, tl.where(stop_now, think_reason, tl.where(
+            emit & is_eos, _EOS, tl.where(emit & (n_new >= max_new), _LENGTH, 0))))
         if bad == 0:
-            tl.store(think_end_ptr + row, tl.where(think_exit, think_reason, tl.where(closes, 6, think_end)))
+            tl.store(think_end_ptr + row, tl.where(think_exit, think_reason, tl.where(closes, _MODEL, think_end)))
             tl.store(forced_pos_ptr + row, tl.where(forcing, forced_pos + 1, tl.where(
                 closes, exit_len, forced_pos)))
             tl.store(phase_ptr + row, tl.where(switch | closes, 1, phase))
