@@ -16,12 +16,10 @@ from vllm import SamplingParams
 import haltkit
 from haltkit import ExitPolicy, MarginalValueHead
 from haltkit.tokenizer import CharTokenizer
-from tinyllama import BUDGET, D_MODEL, ENGINE_KW
+from tinyllama import BUDGET, D_MODEL, ENGINE_KW, PROMPTS
 
 TOK = CharTokenizer()
 EOS, EXIT = TOK.eos_id, TOK.exit_tokens
-PROMPTS = ["Q:1+2<think>", "Q:3+4+5<think>", "Q:9<think>", "Q:12+7<think>", "Q:5+5+5+5<think>",
-           "Q:8<think>", "Q:2+2<think>"]
 
 
 def as_vllm(tokens: list[int], reason: str) -> tuple[list[int], str]:

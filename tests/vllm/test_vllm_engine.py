@@ -12,14 +12,12 @@ import pytest
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from tinyllama import BUDGET, ENGINE_KW, step_head
+from tinyllama import BUDGET, ENGINE_KW, PROMPTS, step_head
 from haltkit import ExitPolicy
 from haltkit.tokenizer import CharTokenizer
 
 TOK = CharTokenizer()
 EOS, EXIT = TOK.eos_id, TOK.exit_tokens
-PROMPTS = ["Q:1+2<think>", "Q:3+4+5<think>", "Q:9<think>", "Q:12+7<think>", "Q:5+5+5+5<think>",
-           "Q:8<think>", "Q:2+2<think>"]
 
 
 def greedy(max_tokens: int = BUDGET, **haltkit) -> SamplingParams:

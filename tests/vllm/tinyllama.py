@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 D_MODEL = 64
+#: Prompts of the toy task's shape; the model is random, so only their tokens matter.
+PROMPTS = ["Q:1+2<think>", "Q:3+4+5<think>", "Q:9<think>", "Q:12+7<think>", "Q:5+5+5+5<think>",
+           "Q:8<think>", "Q:2+2<think>"]
 #: Every request of the step-head tests uses this budget, so the head's n / budget feature is n / 32.
 BUDGET = 32
 
