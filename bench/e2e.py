@@ -66,25 +66,20 @@ def prompts_for(tok, B: int, seed: int) -> list[str]:
     return [prompt_text(ChainSum().sample(rng, 1 + b % 5, held_out=True)) for b in range(B)]
 
 
-class ForwardCounter:
-    """Counts forward passes of a model's body (what Hugging Face's generate runs per step)."""
-
-    def __init__(self, model) -> None:
-        self.n = 0
-        self.handle = model.base_model.register_forward_pre_hook(self._hit)
-
-    def _hit(self, *args) -> None:
-        self.n += 1
-
-
-def hf_contender(target, draft, ids, mask, new: int, assisted: bool, counter: ForwardCounter):
+def hf_contender(target, draft, ids, mask, new: int, assisted: bool):
     def run():
-        counter.n = 0
-        kw = dict(assistant_model=draft) if assisted else {}
-        out = target.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              pad_token_id=0, eos_token_id=None, **kw)
+        # Forward passes of the target's body, counted by a hook that lives only during this run
+        # (a hook seen by torch.compile would be traced into haltkit's compiled steps).
+        calls = []
+        hook = target.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            kw = dict(assistant_model=draft) if assisted else {}
+            out = target.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+        finally:
+            hook.remove()
         emitted = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-        return {"tokens": emitted, "target_forwards": counter.n, "accepted": math.nan, "compile": 0.0,
+        return {"tokens": emitted, "target_forwards": len(calls), "accepted": math.nan, "compile": 0.0,
                 "out": out[:, ids.shape[1]:].tolist()}
     return run
 
@@ -102,7 +97,6 @@ def hk_contender(target, lists, new: int, draft, compile: bool, backend: str):
 def bench_throughput(target, draft, tok, batch_sizes, new: int, repeats: int, compile: bool, backend: str,
                      layers: int, K: int, seed: int) -> list[dict]:
     rows = []
-    counter = ForwardCounter(target)
     for B in batch_sizes:
         texts = prompts_for(tok, B, seed)
         lists = [tok.encode(t) for t in texts]
@@ -112,9 +106,9 @@ def bench_throughput(target, draft, tok, batch_sizes, new: int, repeats: int, co
         for b, p in enumerate(lists):
             ids[b, T - len(p):] = torch.tensor(p)
             mask[b, T - len(p):] = 1
-        contenders = {"hf": hf_contender(target, draft, ids, mask, new, False, counter)}
+        contenders = {"hf": hf_contender(target, draft, ids, mask, new, False)}
         if B == 1:
-            contenders["hf-assisted"] = hf_contender(target, draft, ids, mask, new, True, counter)
+            contenders["hf-assisted"] = hf_contender(target, draft, ids, mask, new, True)
         contenders["haltkit (eager)"] = hk_contender(target, lists, new, None, False, backend)
         if compile:
             contenders["haltkit"] = hk_contender(target, lists, new, None, True, backend)
@@ -144,7 +138,6 @@ def bench_throughput(target, draft, tok, batch_sizes, new: int, repeats: int, co
                 "mean_accepted": f["accepted"], "warmup_s": f["warmup_s"], "compile_s": f["compile"],
                 "same_tokens_as_hf": f["out"] == first["hf"]["out"],
             })
-    counter.handle.remove()
     return rows
 
 

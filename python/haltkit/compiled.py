@@ -34,31 +34,47 @@ class CompiledRunner(ModelRunner):
 
     def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:
         super().__init__(model, batch, capacity)
-        self._steps: dict[int, object] = {}
+        self._steps: dict[tuple, object] = {}
         self._compile_s = 0.0
         self._fresh_s = 0.0
 
-    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, view: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`ModelRunner.forward`, compiled per step width q; ``view`` is ignored (the
-        compiled step always attends over the full static cache)."""
+    def step(self, fn, input_ids: torch.Tensor, start: torch.Tensor, view: int, *args):
+        """As :meth:`ModelRunner.step`, compiled once per (fn, step width q); ``view`` is ignored
+        (a compiled step always attends over the full static cache).
+
+        On the CPU the whole step (forward and epilogue) is one compiled graph. On a GPU only the
+        forward is compiled and captured in a CUDA graph (the epilogue mutates per-call state
+        tensors, which a graph cannot own) and ``fn`` runs eagerly around it: one fused launch.
+        """
         q = input_ids.shape[1]
         positions = start[:, None] + torch.arange(q, device=start.device)[None, :]
         self.cache.view_len = self.capacity + 1
-        step = self._steps.get(q)
-        if step is not None:
-            return step(input_ids, positions)
-        if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
-            torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        step = torch.compile(self.forward_at, dynamic=False, fullgraph=False, mode=mode)
-        t0 = time.perf_counter()
-        out = step(input_ids, positions)
-        if mode is not None:  # the CUDA graph is recorded on the next calls
-            out = step(input_ids, positions)
-            torch.cuda.synchronize()
-        self._fresh_s += time.perf_counter() - t0
-        self._steps[q] = step
-        return out
+        cuda = self.device.type == "cuda"
+        key = ("forward" if cuda else fn, q)
+        compiled = self._steps.get(key)
+        if compiled is None:
+            if torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT:
+                torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
+            if cuda:
+                compiled = torch.compile(ModelRunner.forward_at.__get__(self), dynamic=False, mode="reduce-overhead")
+                # Warm-up, then two calls: the first records the CUDA graph, the next replays it.
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    compiled(input_ids, positions)
+                torch.cuda.synchronize()
+                self._fresh_s += time.perf_counter() - t0
+            else:
+                compiled = torch.compile(fn, dynamic=False)
+            self._steps[key] = compiled
+            if not cuda:
+                t0 = time.perf_counter()
+                out = compiled(self, input_ids, positions, *args)
+                self._fresh_s += time.perf_counter() - t0
+                return out
+        if cuda:
+            self.forward_at = compiled  # the instance attribute shadows the eager method
+            return fn(self, input_ids, positions, *args)
+        return compiled(self, input_ids, positions, *args)
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling since the last call (each compile is reported once)."""

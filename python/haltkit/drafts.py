@@ -79,6 +79,8 @@ class _ModelDrafter:
     max_len: int
     adaptive: bool
     runner: ModelRunner | None = None
+    #: Forward passes of the draft (model or early layers) since ``start``.
+    forwards = 0
 
     def _draft_requests(self, requests: RequestBatch) -> RequestBatch:
         # The draft has no value head: value exits are off, everything else is the request's.
@@ -105,6 +107,7 @@ class _ModelDrafter:
         pos = D[:, None] + torch.arange(width, device=L.device)[None, :]
         chunk = ctx.seq.gather(1, pos.clamp(max=W - 1))
         logits, _ = runner.forward(chunk, D, ctx.view)
+        self.forwards += k
         last = (L - D)[:, None, None].expand(P, 1, logits.shape[-1])
         step_logits = logits.gather(1, last)[:, 0]
 
@@ -161,6 +164,7 @@ class DraftModel(_ModelDrafter):
 
     def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
         self.runner = ModelRunner(self.model, batch, capacity)
+        self.forwards = 0
         self.D = torch.zeros(batch, dtype=torch.int64, device=target.device)
 
     def _cached(self, ctx: DraftContext) -> torch.Tensor:
@@ -202,6 +206,7 @@ class EarlyLayerDraft(_ModelDrafter):
 
     def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
         self.runner = ModelRunner(target.model, batch, capacity, layers=self.layers, cache=target.cache)
+        self.forwards = 0
 
     def _cached(self, ctx: DraftContext) -> torch.Tensor:
         # The target's verification pass wrote these layers at every position it scored; its

@@ -23,13 +23,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .drafts import DraftContext, DraftModel, as_draft_source
+from .drafts import DraftContext, as_draft_source
 from .ops import decode_step
 from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from .result import GenerateResult
 from .runner import ModelRunner, bucket_size, model_dims
-from .speculative import verify_step
-from .state import DecodeState, Reason
+from .speculative import VerifyOutput, verify_step
+from .state import DecodeState, Reason, StepOutput
 from .value_head import MarginalValueHead
 
 __all__ = ["generate"]
@@ -332,9 +332,8 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
         pending = batch.seq.gather(1, batch.length[:, None])
         n_before = batch.state.num_generated.clone()
         if source is None:
-            logits, hidden = target.forward(pending, batch.length, longest + 1)
-            out = decode_step(logits[:, 0], hidden[:, 0] if head is not None else None,
-                              batch.requests, batch.state, head, backend)
+            out = target.step(_decode_one, pending, batch.length, longest + 1, batch.requests, batch.state,
+                              head, backend)
             tokens, emitted, values = out.tokens[:, None], (out.tokens >= 0).to(torch.int32), out.values[:, None]
         else:
             k = K if compile else k
@@ -343,9 +342,9 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
                                method == "rejection", backend, target)
             drafts, lens_d, probs = source.propose(ctx, k)
             lens_d = torch.where(running, torch.minimum(lens_d, batch.k.to(torch.int32)), 0)
-            logits, hidden = target.forward(torch.cat([pending, drafts], 1), batch.length, longest + k + 1)
-            out = verify_step(logits, hidden if head is not None else None, drafts, lens_d, batch.requests,
-                              batch.state, head, probs if method == "rejection" else None, method, backend)
+            out = target.step(_verify_one, torch.cat([pending, drafts], 1), batch.length, longest + k + 1, lens_d,
+                              batch.requests, batch.state, head, probs if method == "rejection" else None,
+                              method, backend)
             tokens, emitted, values = out.tokens, out.num_emitted, out.values
             stats = torch.stack([lens_d.to(torch.int64), out.num_accepted.to(torch.int64), running.to(torch.int64)])
             outs.counts.index_add_(1, batch.rows, stats)
@@ -365,8 +364,21 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
         bar.close()
     timings = {"prefill": t_prefill, "decode": t_decode,
                "compile": sum(r.compile_seconds() for r in set(runners))}
-    return outs.result(target_forwards, getattr(getattr(source, "runner", None), "forwards", 0)
-                       if isinstance(source, DraftModel) else 0, timings)
+    return outs.result(target_forwards, getattr(source, "forwards", 0), timings)
+
+
+def _decode_one(runner: ModelRunner, input_ids, positions, requests, state, head, backend) -> StepOutput:
+    """One step: the target's forward over the pending tokens [P, 1], then the fused epilogue."""
+    logits, hidden = runner.forward_at(input_ids, positions)
+    return decode_step(logits[:, 0], hidden[:, 0] if head is not None else None, requests, state, head, backend)
+
+
+def _verify_one(runner: ModelRunner, input_ids, positions, draft_lens, requests, state, head, probs, method,
+                backend) -> VerifyOutput:
+    """One speculative step: the forward over [pending, drafts] [P, K + 1], then verification."""
+    logits, hidden = runner.forward_at(input_ids, positions)
+    return verify_step(logits, hidden if head is not None else None, input_ids[:, 1:], draft_lens, requests, state,
+                       head, probs, method, backend)
 
 
 def _compact(batch: _Batch, target: ModelRunner, source, active_idx: torch.Tensor, P_new: int,

@@ -277,10 +277,20 @@ class ModelRunner:
         ``view`` is a host-side bound on every position + 1: eager attention reads only that many
         cache slots (the rest would be masked anyway), so sizing it needs no device sync.
         """
+        return self.step(logits_and_hidden, input_ids, start, view)
+
+    def step(self, fn, input_ids: torch.Tensor, start: torch.Tensor, view: int, *args):
+        """``fn(self, input_ids, positions, *args)``: a forward (``forward_at``) plus whatever
+        follows it in the same step (the engine's epilogue); compiled in :mod:`haltkit.compiled`.
+
+        Args:
+            fn: a module-level function (compiled runners cache one compiled step per fn and q).
+            input_ids: [P, q] int64; start: [P] int64, the first position; view: as :meth:`forward`.
+        """
         q = input_ids.shape[1]
         positions = start[:, None] + torch.arange(q, device=start.device)[None, :]
         self.cache.view_len = min(self.capacity + 1, view)
-        return self.forward_at(input_ids, positions)
+        return fn(self, input_ids, positions, *args)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed right-padded prompts [P, T] (row b real on [0, lengths[b])) from position 0.
@@ -314,3 +324,8 @@ class ModelRunner:
     def compile_seconds(self) -> float:
         """Seconds spent compiling this runner's steps (0 for an eager runner)."""
         return 0.0
+
+
+def logits_and_hidden(runner: ModelRunner, input_ids: torch.Tensor, positions: torch.Tensor):
+    """The plain step: logits [P, q, V] and final hidden states [P, q, d]."""
+    return runner.forward_at(input_ids, positions)
