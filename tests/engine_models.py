@@ -57,3 +57,14 @@ def countdown_head(d: int, budget: int, start: float = 100.0) -> MarginalValueHe
         head.w1[0, -1] = -budget
         head.b1.fill_(start)
     return head
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask with the prompts right-aligned (Hugging Face's batching)."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), PAD)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return ids, mask

@@ -17,19 +17,15 @@ import haltkit
 from haltkit import DraftModel, EarlyLayerDraft, ExitPolicy, MarginalValueHead, PromptLookup
 
 pytest.importorskip("transformers")
-from engine_models import PAD, V, countdown_head, ragged_prompts, sampled, tiny  # noqa: E402
+from engine_models import PAD, V, countdown_head, left_padded, ragged_prompts, sampled, tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def hf_generate(model: nn.Module, prompts: list[list[int]], max_new: int, eos: int | None) -> list[list[int]]:
     """Hugging Face greedy generate on left-padded prompts; each row cut after its EOS."""
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), PAD)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        mask[b, T - len(p):] = 1
+    ids, mask = left_padded(prompts)
+    T = ids.shape[1]
     dev = next(model.parameters()).device
     out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new, min_new_tokens=0,
                          do_sample=False, pad_token_id=PAD, eos_token_id=eos)
@@ -225,6 +221,7 @@ class _Tok:
     ("draft_vocab", "draft model's vocabulary has 120 entries but the target's has 111"),
     ("token_out_of_vocab", "prompt 0 has token id 111 outside the model's vocabulary"),
     ("early_layer_too_deep", r"layers must be an int in \[1, 2\)"),
+    ("unknown_backend", "unknown backend 'tpu'"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_work(case, match):
     model = tiny("llama")
@@ -247,6 +244,8 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, match):
         prompts[0] = [V]
     elif case == "early_layer_too_deep":
         kw["draft"] = "layer:2"
+    elif case == "unknown_backend":
+        kw["backend"] = "tpu"
     with pytest.raises((ValueError, TypeError), match=match):
         haltkit.generate(model, prompts, **kw)
     assert calls == []

@@ -12,17 +12,7 @@ from haltkit import ExitPolicy, MarginalValueHead, SamplingParams
 pytest.importorskip("transformers")
 from haltkit.hf import ValueExit  # noqa: E402
 
-from engine_models import PAD, countdown_head, ragged_prompts, sampled, tiny  # noqa: E402
-
-
-def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), PAD)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        mask[b, T - len(p):] = 1
-    return ids, mask
+from engine_models import PAD, countdown_head, left_padded, ragged_prompts, sampled, tiny  # noqa: E402
 
 
 def hf_run(model, prompts, vx: ValueExit, max_new: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .backends import resolve_backend
 from .drafts import DraftContext, as_draft_source
 from .ops import decode_step
 from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
@@ -273,6 +274,7 @@ def generate(
     capacity = _capacity(lens, max_new, max_cache_len if max_cache_len is not None else max_pos, compile)
     if method not in ("exact", "rejection"):
         raise ValueError(f"method must be 'exact' or 'rejection', got {method!r}")
+    resolve_backend(backend, device, op="decode_step" if source is None else "verify_step")
     with torch.no_grad():
         res = _decode(model, lists, requests, value_head, source, method, capacity, max(max_new),
                       compile, backend, progress)
