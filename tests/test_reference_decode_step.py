@@ -424,46 +424,43 @@ def test_finished_rows_are_untouched(backend):
     assert out.active_idx.tolist() == [4, -1, -1, -1, -1] and int(out.num_active) == 1
 
 
-def _draws(backend, V: int, probs: list[float], rows: int, **filters) -> tuple[list[int], list[float]]:
-    """One step of ``rows`` rows with identical logits log(probs) and seeds 0..rows-1."""
-    samp = [SamplingParams(seed=s, **filters) for s in range(rows)]
-    run = Run(backend, samp, ExitPolicy(), V)
+def _draws(backend, probs: list[float], **filters) -> tuple[list[int], list[float]]:
+    """One step of 16 rows with identical logits log(probs) and seeds 0..15.
+
+    Checks on these are exact: every token lies in the kept set and its log-probability is
+    log(p / mass of the kept set), so a wrong kept set shows whichever token is drawn (whether
+    every kept token gets drawn at the right rate is test_sampling_distribution's job).
+    """
+    V, rows = len(probs), 16
+    run = Run(backend, [SamplingParams(seed=s, **filters) for s in range(rows)], ExitPolicy(), V)
     logits = torch.log(torch.tensor(probs, dtype=torch.float32)).expand(rows, V).contiguous()
     out = run.step(logits)
     return out.tokens.tolist(), out.logprobs.tolist()
 
 
+def assert_drawn_from(tokens: list[int], lps: list[float], probs: list[float], kept: set[int]) -> None:
+    assert set(tokens) <= kept, (tokens, kept)
+    mass = sum(probs[i] for i in kept)
+    assert lps == pytest.approx([math.log(probs[t] / mass) for t in tokens], abs=1e-5)
+
+
 def test_top_k_keeps_ties_at_the_kth_value(backend):
-    # 64 seeds: a kept tied token is missed with probability (2/3)^64 < 1e-11.
-    x = [math.exp(3), math.exp(3), math.exp(3), math.exp(1), 1.0]
-    tokens, lps = _draws(backend, 5, x, 64, top_k=2)
-    assert set(tokens) == {0, 1, 2}
-    assert lps == pytest.approx([-math.log(3)] * 64, abs=1e-5)
-    tokens, lps = _draws(backend, 5, x, 64, top_k=5 + 3)  # top_k >= V keeps everything
-    full = torch.log_softmax(torch.tensor([3.0, 3.0, 3.0, 1.0, 0.0], dtype=torch.float64), 0)
-    assert lps == pytest.approx([full[t].item() for t in tokens], abs=1e-5)
+    p = torch.softmax(torch.tensor([3.0, 3.0, 3.0, 1.0, 0.0], dtype=torch.float64), 0).tolist()
+    assert_drawn_from(*_draws(backend, p, top_k=2), p, {0, 1, 2})  # mass of 3 ties, not 2
+    assert_drawn_from(*_draws(backend, p, top_k=5 + 3), p, {0, 1, 2, 3, 4})  # top_k >= V keeps all
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p(backend):
     p = [0.5, 0.3, 0.15, 0.05]
-    # 200 seeds: a kept token of probability >= 0.15 is missed with probability < 1e-14.
-    tokens, lps = _draws(backend, 4, p, 200, top_p=0.75)
-    assert set(tokens) == {0, 1}
-    assert lps == pytest.approx([math.log(p[t] / 0.8) for t in tokens], abs=1e-5)
-    tokens, lps = _draws(backend, 4, p, 200, top_p=0.85)
-    assert set(tokens) == {0, 1, 2}
-    assert lps == pytest.approx([math.log(p[t] / 0.95) for t in tokens], abs=1e-5)
-    tokens, lps = _draws(backend, 4, p, 8, top_p=0.45)
-    assert tokens == [0] * 8 and lps == pytest.approx([0.0] * 8, abs=1e-6)
+    assert_drawn_from(*_draws(backend, p, top_p=0.75), p, {0, 1})
+    assert_drawn_from(*_draws(backend, p, top_p=0.85), p, {0, 1, 2})
+    assert_drawn_from(*_draws(backend, p, top_p=0.45), p, {0})
 
 
 def test_min_p_keeps_tokens_at_least_min_p_times_the_top(backend):
     p = [0.5, 0.3, 0.15, 0.05]
-    tokens, lps = _draws(backend, 4, p, 200, min_p=0.25)  # keeps p >= 0.125
-    assert set(tokens) == {0, 1, 2}
-    assert lps == pytest.approx([math.log(p[t] / 0.95) for t in tokens], abs=1e-5)
-    tokens, lps = _draws(backend, 4, p, 8, min_p=0.7)  # 0.3 < 0.7 * 0.5
-    assert tokens == [0] * 8 and lps == pytest.approx([0.0] * 8, abs=1e-6)
+    assert_drawn_from(*_draws(backend, p, min_p=0.25), p, {0, 1, 2})  # keeps p >= 0.125
+    assert_drawn_from(*_draws(backend, p, min_p=0.7), p, {0})  # 0.3 < 0.7 * 0.5
 
 
 def test_logprob_of_forced_token_outside_kept_set_is_minus_inf(backend):

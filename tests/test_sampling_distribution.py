@@ -9,13 +9,15 @@ kept set must never appear. Logits and seeds are fresh every run (the failure me
 what reproduces it).
 
 False-failure rate: each chi-square test rejects a correct sampler with probability
-ALPHA = 1e-6. The file makes 6 such tests per backend and there are at most 4 backends, so a
+ALPHA = 1e-6. The file makes at most 6 such tests per backend and there are at most 4 backends, so a
 correct implementation fails a run with probability below 2.4e-5 (< 1e-4). Everything else here
 is exact and cannot fail by chance.
 
-Power: 50,000 draws per case on compiled backends; the Triton interpreter runs one Python loop
-per row, so it gets 400 (it still catches a wrong kept set, which is deterministic, and gross
-distortions of the weights).
+Power: 50,000 draws per case on compiled backends. The Triton interpreter runs one Python loop
+per row (0.1-0.5 s), so on a CPU it runs two cases with 96 draws each: it still catches a token
+outside the kept set and a wrong log-probability (both exact), and gross distortions of the
+weights; the Triton backend's same-seed agreement with the reference (test_decode_step.py) carries
+the rest, and every case runs at full size on a GPU.
 """
 
 from __future__ import annotations
@@ -48,8 +50,18 @@ CASES = {
 }
 
 
-def draws_for(name: str) -> int:
-    return 400 if name == "triton" and INTERPRETED else 50_000
+#: Cases the Triton interpreter runs (0.1-0.5 s per row on a 2-core machine): the single-pass
+#: temperature draw and the threshold searches of every filter at once.
+INTERPRETER_CASES = ("temperature", "top_k_top_p_min_p")
+
+
+def draws_for(name: str, case: str) -> int:
+    """Draws per case: 50,000 on compiled backends, 96 through the Triton interpreter."""
+    if name == "triton" and INTERPRETED:
+        if case not in INTERPRETER_CASES:
+            pytest.skip(f"Triton interpreter: only {INTERPRETER_CASES} fit the time budget (every case runs on a GPU)")
+        return 96
+    return 50_000
 
 
 def case_logits(V: int, params: dict, rng: np.random.Generator) -> tuple[list[float], set[int], np.ndarray]:
@@ -110,7 +122,7 @@ def test_sampled_tokens_follow_the_filtered_distribution(backend, case):
     run_seed = random.SystemRandom().randrange(2**32)
     rng = np.random.default_rng(run_seed)
     x, kept, target = case_logits(V, params, rng)
-    N = draws_for(name)
+    N = draws_for(name, case)
     seed0 = int(rng.integers(0, 2**62))
     # One packed request repeated N times, then N consecutive seeds.
     req = pack_requests(SamplingParams(**params), ExitPolicy(), V, batch_size=1, device=dev)
@@ -147,7 +159,7 @@ def test_a_seed_draws_the_same_token_whatever_the_batch_around_it(backend):
     run_seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(run_seed)
     gen = torch.Generator().manual_seed(run_seed)
-    B, V, step = 48, 111, 5
+    B, V, step = (12 if name == "triton" and INTERPRETED else 48), 111, 5
     samp = _varied_requests(B, V, rng)
     logits = torch.randn(B, V, generator=gen) * 3
     logits[torch.rand(B, V, generator=gen) < 0.1] = -math.inf
@@ -176,7 +188,7 @@ def test_a_seed_draws_the_same_token_whatever_the_batch_around_it(backend):
     alone_tokens, alone_lps = one_step(list(range(B)), 0)
     shuffled = list(range(B))
     rng.shuffle(shuffled)
-    mixed_tokens, mixed_lps = one_step(shuffled, 20)
+    mixed_tokens, mixed_lps = one_step(shuffled, B // 2)
     order = torch.tensor(shuffled)
     where = f"{name}: run seed {run_seed}"
     assert torch.equal(mixed_tokens, alone_tokens[order]), where
