@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import haltkit
@@ -182,6 +184,28 @@ def test_value_exit_ends_exactly_those_sequences_at_the_known_step(draft):
             assert res.tokens[b] == base.tokens[b][:stop]
             assert (res.finish_reason[b], res.think_end[b], res.num_steps[b]) == ("value", "value", stop)
             assert res.values[b] == [100.0 - n for n in range(stop + 1)]
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.sampled_from([None, 1, 4, 9]), st.integers(1, 3),
+                          st.booleans(), st.sampled_from([None, "ngram", "layer:1"])), min_size=2, max_size=5),
+       st.integers(0, 2**31 - 1))
+def test_compaction_never_changes_a_sequence(rows, seed):
+    """Random batches (lengths, value exits, patience, exit tokens, sampled or greedy rows): every
+    sequence's output in the batch equals its output alone, whoever leaves the batch when."""
+    model = tiny("llama")
+    head = countdown_head(32, 16)
+    prompts = ragged_prompts(len(rows), seed=seed % 1000)
+    exits = [greedy(n, cost_of_time=None if k is None else 100.0 - k + 0.5, patience=p,
+                    exit_tokens=(100, 101) if forced else ()) for n, k, p, forced, _ in rows]
+    params = sampled(len(rows))
+    draft = rows[0][4]
+    together = haltkit.generate(model, prompts, value_head=head, exit=exits, sampling=params, draft=draft)
+    for b in range(len(rows)):
+        alone = haltkit.generate(model, [prompts[b]], value_head=head, exit=[exits[b]], sampling=[params[b]])
+        assert together.tokens[b] == alone.tokens[0]
+        assert together.finish_reason[b] == alone.finish_reason[0]
+        assert together.think_end[b] == alone.think_end[0]
 
 
 def test_patience_resets_when_the_value_recovers():

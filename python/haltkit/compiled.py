@@ -35,7 +35,6 @@ class CompiledRunner(ModelRunner):
     def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:
         super().__init__(model, batch, capacity)
         self._steps: dict[tuple, object] = {}
-        self._compile_s = 0.0
         self._fresh_s = 0.0
 
     def step(self, fn, input_ids: torch.Tensor, start: torch.Tensor, view: int, *args):
@@ -80,9 +79,6 @@ class CompiledRunner(ModelRunner):
         """Seconds spent compiling since the last call (each compile is reported once)."""
         s, self._fresh_s = self._fresh_s, 0.0
         return s
-
-    def compact(self, idx: torch.Tensor) -> ModelRunner:
-        return move_to_bucket(self, idx)
 
 
 def compiled_runner(model: nn.Module, batch: int, capacity: int) -> CompiledRunner:

@@ -8,7 +8,7 @@ no padding inside the cache, a rejected speculative draft is rolled back by not 
 The attention mask follows from the positions alone (key ``j`` is visible to a query at position
 ``p`` iff ``j <= p``, within the sliding window if the model has one).
 
-Model contract (one small table, :func:`split_model`): a Hugging Face causal LM is run as its
+Model contract (:func:`split_model`): a Hugging Face causal LM is run as its
 ``base_model`` (whose ``last_hidden_state`` is the final hidden state, after the final norm) plus
 its output embeddings (the LM head), so the value head reads the LM head's input without a second
 forward pass. Any other ``nn.Module`` works if its ``forward`` takes Hugging Face's arguments
@@ -47,14 +47,11 @@ class RaggedKVCache:
         capacity: T, the most positions a row can hold (buffers have T + 1 slots).
     """
 
-    is_compileable = True
-    is_sliding = ()
-
     def __init__(self, num_layers: int, batch: int, capacity: int) -> None:
         self.num_layers, self.batch, self.capacity = num_layers, batch, capacity
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.write_pos = torch.zeros(batch, 1, dtype=torch.int64)
+        self.write_pos: torch.Tensor | None = None  # set by the runner before every forward
         self.view_len = capacity + 1
 
     def __len__(self) -> int:
