@@ -51,15 +51,6 @@ BAD_SAMPLING = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, field, shown", BAD_SAMPLING, ids=[f"{f}={s}" for _, f, s in BAD_SAMPLING])
-def test_bad_sampling_params_name_field_and_value(kwargs, field, shown):
-    with pytest.raises(ValueError) as err:
-        SamplingParams(**kwargs)
-    msg = str(err.value)
-    assert msg.startswith(field), msg
-    assert shown in msg, msg
-
-
 BAD_EXIT = [
     (dict(max_new_tokens=0), "max_new_tokens", "0"),
     (dict(max_new_tokens=-3), "max_new_tokens", "-3"),
@@ -86,10 +77,14 @@ BAD_EXIT = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, field, shown", BAD_EXIT, ids=[f"{f}={s}" for _, f, s in BAD_EXIT])
-def test_bad_exit_policy_names_field_and_value(kwargs, field, shown):
+BAD_PARAMS = [(SamplingParams, *case) for case in BAD_SAMPLING] + [(ExitPolicy, *case) for case in BAD_EXIT]
+
+
+@pytest.mark.parametrize("cls, kwargs, field, shown", BAD_PARAMS,
+                         ids=[f"{c.__name__}.{f}={s}" for c, _, f, s in BAD_PARAMS])
+def test_bad_parameter_names_field_and_value(cls, kwargs, field, shown):
     with pytest.raises(ValueError) as err:
-        ExitPolicy(**kwargs)
+        cls(**kwargs)
     msg = str(err.value)
     assert msg.startswith(field), msg
     assert shown in msg, msg

@@ -68,7 +68,8 @@ class SamplingParams:
     its seed, its logits and its step only, never on the batch around it or on the backend.
 
     Args:
-        temperature: 0 for greedy (lowest index among equal maxima), else > 0. Default 1.0.
+        temperature: 0 for greedy (lowest index among equal maxima), else > 0 within float32's
+            normal range [1.2e-38, 3.4e38]. Default 1.0.
         top_k: >= 0. Default 0 (off).
         top_p: in (0, 1]. Default 1.0 (off).
         min_p: in [0, 1]. Default 0.0 (off).
