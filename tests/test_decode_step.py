@@ -519,6 +519,15 @@ def test_kernel_writes_every_output_element():
     assert int(ref.tokens[3]) == -1 and int(s_ref.finish_reason[3]) == Reason.VALUE
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_batch_is_a_step_that_does_nothing(backend):
+    # The reference used to fail here (random_words could not reshape zero rows).
+    V = 5
+    requests = pack_requests(SamplingParams(), ExitPolicy(), V, 1).index_select(torch.zeros(0, dtype=torch.long))
+    out = haltkit.decode_step(torch.randn(0, V), None, requests, DecodeState.new(0), None, backend=backend)
+    assert [t.shape for t in out] == [(0,), (0,), (0,), (0,), ()] and int(out.num_active) == 0
+
+
 def test_compaction_is_right_for_consecutive_launches_of_different_sizes():
     from haltkit.kernels.decode_step import _ticket
 

@@ -91,7 +91,8 @@ def random_words(
     c1 = (step.to(torch.int64) & M32)[:, None]
     zero = torch.zeros((), dtype=torch.int64, device=seed.device)
     words = philox4x32(blocks, c1, zero + stream, zero, k0, k1)
-    return torch.stack(words, dim=-1).reshape(seed.shape[0], -1)[:, :num]
+    # An explicit width: with no rows, -1 would be ambiguous (an empty batch is a valid step).
+    return torch.stack(words, dim=-1).reshape(seed.shape[0], 4 * blocks.shape[1])[:, :num]
 
 
 def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
