@@ -12,7 +12,10 @@ import os
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
+# This directory itself is importable as a namespace package named "vllm" (tests/ is on sys.path):
+# only a spec with an origin is the real vLLM.
+_spec = importlib.util.find_spec("vllm")
+if _spec is None or _spec.origin is None:
     collect_ignore_glob = ["test_*.py"]
 
 # One process: engine start in seconds instead of a spawned engine core per LLM.

