@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "haltkit/decode_step.cuh"
+#include "haltkit/verify_step.cuh"
 
 namespace hk {
 
@@ -15,7 +16,7 @@ using Ints = std::vector<int64_t>;
 
 inline void expect_len(const char* what, const Ints& v, size_t n) {
   if (v.size() != n)
-    throw std::invalid_argument(std::string("decode_step: ") + what + " needs " + std::to_string(n) +
+    throw std::invalid_argument(std::string("haltkit native op: ") + what + " needs " + std::to_string(n) +
                                 " entries, got " + std::to_string(v.size()));
 }
 
@@ -89,6 +90,40 @@ inline DecodeStepArgs decode_step_args(const Ints& logits, const Ints& hidden, c
   if (a.hidden != nullptr && (a.d < 1 || a.R < 1))
     throw std::invalid_argument("decode_step: a head needs d >= 1 and R >= 1");
   return a;
+}
+
+// logits:   (ptr, row stride, position stride, dtype, B, K + 1, V)
+// hidden:   (ptr, row stride, position stride, dtype, d), ptr 0 without a head
+// head, requests, state: as decode_step_args
+// drafts:   (draft_tokens, draft_lens, draft_probs or 0, probs dtype, probs dims 0 / 2 / 3, rejection)
+// outputs:  tokens, num_emitted, num_accepted, values, logprobs, active_idx, num_active
+inline VerifyStepArgs verify_step_args(const Ints& logits, const Ints& hidden, const Ints& head, const Ints& req,
+                                       const Ints& st, const Ints& drafts, const Ints& out) {
+  expect_len("logits", logits, 7);
+  expect_len("hidden", hidden, 5);
+  expect_len("drafts", drafts, 6);
+  expect_len("outputs", out, 7);
+  VerifyStepArgs v{};
+  v.step = decode_step_args({logits[0], logits[1], logits[3], logits[4], logits[6]},
+                            {hidden[0], hidden[1], hidden[3], hidden[4]}, head, req, st,
+                            {out[0], out[4], out[3], out[5], out[6]});
+  v.K1 = logits[5];
+  v.logits_pos_stride = logits[2];
+  v.hidden_pos_stride = hidden[2];
+  v.draft_tokens = ptr<const int64_t>(drafts[0]);
+  v.draft_lens = ptr<const int32_t>(drafts[1]);
+  v.draft_probs = ptr<const void>(drafts[2]);
+  v.probs_dtype = static_cast<int32_t>(drafts[3]);
+  v.probs_dims = static_cast<int32_t>(drafts[4]);
+  v.rejection = drafts[5] != 0;
+  v.num_emitted = ptr<int32_t>(out[1]);
+  v.num_accepted = ptr<int32_t>(out[2]);
+  if (v.K1 < 1) throw std::invalid_argument("verify_step: need K + 1 >= 1 positions");
+  // Rejection reads q at drafted positions only, so with K = 0 there is nothing to read.
+  const bool probs_ok = (v.probs_dims == 2 || v.probs_dims == 3) && v.draft_probs != nullptr;
+  if (v.rejection && v.K1 > 1 && !probs_ok)
+    throw std::invalid_argument("verify_step: method rejection needs draft_probs of 2 or 3 dimensions");
+  return v;
 }
 
 }  // namespace hk

@@ -18,6 +18,16 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
       py::arg("outputs"), py::arg("num_threads"));
+  m.def(
+      "verify_step",
+      [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
+         const hk::Ints& state, const hk::Ints& drafts, const hk::Ints& outputs, int num_threads) {
+        const hk::VerifyStepArgs v = hk::verify_step_args(logits, hidden, head, requests, state, drafts, outputs);
+        py::gil_scoped_release release;
+        hk::verify_step_cpu(v, num_threads);
+      },
+      py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
+      py::arg("drafts"), py::arg("outputs"), py::arg("num_threads"));
   // The generator's pieces on their own, so tests hold them to the reference bit for bit.
   m.def(
       "random_words",

@@ -19,4 +19,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
       py::arg("outputs"), py::arg("stream"));
+  m.def(
+      "verify_step",
+      [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
+         const hk::Ints& state, const hk::Ints& drafts, const hk::Ints& outputs, int64_t stream) {
+        const hk::VerifyStepArgs v = hk::verify_step_args(logits, hidden, head, requests, state, drafts, outputs);
+        py::gil_scoped_release release;
+        hk::verify_step_cuda(v, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+      },
+      py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
+      py::arg("drafts"), py::arg("outputs"), py::arg("stream"));
 }

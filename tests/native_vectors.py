@@ -126,7 +126,7 @@ def float_tie(logits: torch.Tensor, requests: haltkit.RequestBatch, before: Deco
     if any(lo <= float(z[0, t]) < hi for t in (a, b)):
         return True  # a token on the edge of the kept set
     sa, sb = float(score[a]), float(score[b])
-    return abs(sa - sb) <= TIE_EPS * (1 + abs(sa))
+    return math.isfinite(sa) and math.isfinite(sb) and abs(sa - sb) <= TIE_EPS * (1 + abs(sa))
 
 
 def value_tie(values: torch.Tensor, requests: haltkit.RequestBatch, before: DecodeState) -> bool:
@@ -257,6 +257,130 @@ def cases(large: bool = True) -> list[Case]:
     return out
 
 
+# --- verify_step -----------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyCase:
+    """Rounds of speculative verification: drafts partly the target's own argmax, partly random."""
+
+    name: str
+    B: int
+    K: int
+    V: int
+    method: str = "exact"
+    probs: str | None = None  # "point" ([B, K] ones) or "full" ([B, K, V]) with method "rejection"
+    logits_dtype: torch.dtype = torch.float32
+    head: str = "mlp"
+    rounds: int = 3
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _verify_tie(x: torch.Tensor, requests, row: int, step: int, tokens: tuple[int, int], case: VerifyCase,
+                draft: int, q: torch.Tensor | None) -> bool:
+    """Whether float rounding in the reference could have picked either token at this position."""
+    before = DecodeState.new(requests.batch_size)
+    before.num_generated.fill_(step)
+    if float_tie(x, requests, before, row, tokens):
+        return True
+    if case.method != "rejection" or float(requests.temperature[row]) == 0:
+        return False
+    from haltkit.reference.philox import STREAM_ACCEPT, STREAM_RESIDUAL, uniform_from_words
+    from haltkit.reference.verify_step import sampling_log_probs
+
+    r = haltkit.RequestBatch(*(t[row : row + 1] for t in requests.tensors()))
+    p = torch.exp(sampling_log_probs(x[row : row + 1].float(), r))[0]
+    qx = 1.0 if q is None else float(q[draft])
+    u = float(uniform_from_words(random_words(r.seed, torch.tensor([step]), STREAM_ACCEPT, 1))[0, 0])
+    if abs(u * qx - float(p[draft])) <= TIE_EPS * float(p[draft]):
+        return True  # the acceptance test itself is on a float edge
+    resid = p.clone()
+    if q is None:
+        resid[draft] = 0
+    else:
+        resid = torch.clamp(p - q.float(), min=0.0)
+    g = gumbel_from_words(random_words(r.seed, torch.tensor([step]), STREAM_RESIDUAL, x.shape[1]))[0]
+    score = torch.log(resid) + g
+    a, b = tokens
+    sa, sb = float(score[a]), float(score[b])
+    return math.isfinite(sa) and math.isfinite(sb) and abs(sa - sb) <= TIE_EPS * (1 + abs(sa))
+
+
+def run_verify_case(case: VerifyCase, backend: str = "cpu", device: str = "cpu") -> int:
+    """Runs ``case`` on ``backend`` and the verify_step reference; returns the float ties met (0 or 1)."""
+    from haltkit.reference.verify_step import verify_step as reference_verify
+
+    gen = torch.Generator().manual_seed(case.seed)
+    B, K, V = case.B, case.K, case.V
+    samp, exits = _mixed(V, seed=case.seed)
+    samp, exits = (samp * B)[:B], (exits * B)[:B]
+    requests = pack_requests(samp, exits, V)
+    head = make_head(case.head, 8, torch.float32, gen)
+    head_dev = None if head is None else HeadWeights(*(t.to(device) for t in head))
+    ref_state, got_state = DecodeState.new(B), DecodeState.new(B, device)
+    for rnd in range(case.rounds):
+        x = torch.randn(B, K + 1, V, generator=gen) * 3
+        x[: B // 2] *= 4  # peaked rows: drafts of their argmax get accepted by sampled rows too
+        x = x.to(case.logits_dtype)
+        h = None if head is None else torch.randn(B, K + 1, 8, generator=gen)
+        drafts = x[:, :K].float().argmax(2)
+        random_rows = torch.rand(B, generator=gen) < 0.3
+        drafts[random_rows] = torch.randint(0, V, (int(random_rows.sum()), K), generator=gen)
+        lens = torch.randint(0, K + 1, (B,), generator=gen, dtype=torch.int32)
+        if rnd == 1:  # a malformed draft in row 0: a token outside the vocabulary, or too long
+            if K > 0:
+                drafts[0, 0], lens[0] = V, max(int(lens[0]), 1)
+            else:
+                lens[0] = 1
+        q = None
+        if case.probs == "point":
+            q = torch.ones(B, K)
+        elif case.probs == "full":
+            q = torch.softmax(torch.randn(B, K, V, generator=gen), dim=2).to(case.logits_dtype)
+            if rnd == 2 and K > 0 and B > 1:  # q(x) = 0 at a judged position: malformed
+                lens[1] = max(int(lens[1]), 1)
+                q[1, 0, drafts[1, 0]] = 0
+        n0 = ref_state.num_generated.clone()
+        ref = reference_verify(x, h, drafts, lens, requests, ref_state, head, q, case.method)
+        got = haltkit.verify_step(x.to(device), None if h is None else h.to(device), drafts.to(device), lens.to(device),
+                                  requests.to(device), got_state, head_dev, None if q is None else q.to(device),
+                                  case.method, backend=backend)
+        where = f"{case} round {rnd}"
+        rt, gt = ref.tokens, got.tokens.cpu()
+        for b in range(B):
+            diff = torch.nonzero(rt[b] != gt[b]).flatten()
+            if diff.numel():
+                j = int(diff[0])
+                qrow = None if q is None or q.dim() == 2 or j >= K else q[b, j]
+                if _verify_tie(x[:, j], requests, b, int(n0[b]) + j, (int(rt[b, j]), int(gt[b, j])), case,
+                               int(drafts[b, min(j, K - 1)]) if K else 0, qrow):
+                    return 1
+                raise AssertionError(f"{where}: row {b} tokens {gt[b].tolist()}, reference {rt[b].tolist()}")
+        for name in ("num_emitted", "num_accepted", "active_idx", "num_active"):
+            g, w = getattr(got, name).cpu(), getattr(ref, name)
+            assert torch.equal(g, w), f"{where}: {name} {g.tolist()}, reference {w.tolist()}"
+        for name in STATE_FIELDS:
+            g, w = getattr(got_state, name).cpu(), getattr(ref_state, name)
+            assert torch.equal(g, w), f"{where}: state.{name} {g.tolist()}, reference {w.tolist()}"
+        for name in ("values", "logprobs"):
+            ok = _close(getattr(got, name), getattr(ref, name), case.logits_dtype)
+            assert ok.all(), f"{where}: {name} {getattr(got, name)[~ok].tolist()}, reference {getattr(ref, name)[~ok].tolist()}"
+    return 0
+
+
+def verify_cases() -> list[VerifyCase]:
+    return [
+        VerifyCase("exact-B7-K3-V111", 7, 3, 111),
+        VerifyCase("rejection-point-B7-K3-V111", 7, 3, 111, "rejection", "point"),
+        VerifyCase("rejection-full-B5-K4-V4099-bf16", 5, 4, 4099, "rejection", "full", torch.bfloat16, seed=1),
+        VerifyCase("exact-B3-K2-V32000-f16-nohead", 3, 2, 32000, logits_dtype=torch.float16, head="none", seed=2),
+        VerifyCase("rejection-full-B6-K0-V33", 6, 0, 33, "rejection", "full", seed=3),
+    ]
+
+
 def bad_inputs() -> list[tuple[str, dict, type]]:
     """Calls haltkit.decode_step must refuse before any kernel runs: (what, kwargs, exception)."""
     B, V, d = 3, 50, 4
@@ -308,6 +432,7 @@ def run_bad_binding_calls(module) -> None:
 def run_all(backend: str = "cpu", large: bool = True) -> int:
     """Every vector, bad input and binding check; returns the number of float ties met."""
     ties = sum(run_case(c, backend) for c in cases(large))
+    ties += sum(run_verify_case(c, backend) for c in verify_cases())
     run_bad_inputs(backend)
     if backend == "cpu":
         run_bad_binding_calls(backend_module("cpu").module)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .params import RequestBatch
+from .reference.verify_step import VerifyOutput
 from .state import DecodeState, StepOutput
 from .value_head import HeadWeights
 
@@ -94,37 +95,93 @@ class NativeBackend:
         """:meth:`decode_step` writing into ``out`` (contiguous tensors of the output shapes and
         dtypes, e.g. poisoned by a test to show that every element is written). Returns ``out``."""
         B, V = logits.shape
-        dev = logits.device
         if B == 0:
             out.num_active.zero_()
             return out
         logits = _rows(logits)
+        hidden = None if head is None else _rows(hidden)
+        hid = (0, 0, 0, 0) if hidden is None else (
+            hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
+        self._launch(
+            "decode_step", logits.device, requests, state, head,
+            (logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], B, V), hid, None, _ptrs(out),
+        )
+        return out
+
+    def verify_step(
+        self,
+        target_logits: torch.Tensor,
+        hidden: torch.Tensor | None,
+        draft_tokens: torch.Tensor,
+        draft_lens: torch.Tensor,
+        requests: RequestBatch,
+        state: DecodeState,
+        head: HeadWeights | None,
+        draft_probs: torch.Tensor | None = None,
+        method: str = "exact",
+    ) -> VerifyOutput:
+        """One fused verification step; see :func:`haltkit.reference.verify_step` for the semantics.
+
+        Args:
+            target_logits: [B, K+1, V] float32 | bfloat16 | float16.
+            hidden: [B, K+1, d] float32 | bfloat16 | float16, or None when ``head`` is None.
+            draft_tokens: [B, K] int64.
+            draft_lens: [B] int32.
+            requests: the packed requests, [B] each.
+            state: the decode state, [B] int32 each; updated in place.
+            head: the value head's weights, or None.
+            draft_probs: method "rejection": [B, K, V] or [B, K] (point masses); else None.
+            method: "exact" or "rejection".
+        Returns:
+            A :class:`~haltkit.VerifyOutput`.
+        """
+        B, K1, V = target_logits.shape
+        dev = target_logits.device
+        f32, i32 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int32, device=dev)
+        out = VerifyOutput(
+            torch.empty(B, K1, dtype=torch.int64, device=dev), torch.empty(B, **i32), torch.empty(B, **i32),
+            torch.empty(B, K1, **f32), torch.empty(B, K1, **f32),
+            torch.empty(B, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev),
+        )
+        if B == 0:
+            return out
+        x = target_logits if target_logits.stride(2) == 1 else target_logits.contiguous()
+        h = None if head is None else (hidden if hidden.stride(2) == 1 else hidden.contiguous())
+        hid = (0, 0, 0, 0, 0) if h is None else (
+            h.data_ptr(), h.stride(0), h.stride(1), DTYPE_CODES[h.dtype], h.shape[2])
+        tokens = draft_tokens.contiguous()
+        lens = draft_lens.contiguous()
+        probs = None if method != "rejection" or draft_probs is None else draft_probs.contiguous()
+        drafts = (tokens.data_ptr(), lens.data_ptr(), 0 if probs is None else probs.data_ptr(),
+                  0 if probs is None else DTYPE_CODES[probs.dtype], 0 if probs is None else probs.dim(),
+                  int(method == "rejection"))
+        self._launch(
+            "verify_step", dev, requests, state, head,
+            (x.data_ptr(), x.stride(0), x.stride(1), DTYPE_CODES[x.dtype], B, K1, V), hid, drafts, _ptrs(out),
+        )
+        return out
+
+    def _launch(self, op: str, dev: torch.device, requests: RequestBatch, state: DecodeState,
+                head: HeadWeights | None, logits: tuple, hidden: tuple, drafts: tuple | None,
+                outputs: tuple) -> None:
+        """Calls the module's ``op`` with the requests, state and head as pointer tuples."""
         if head is None:
-            hid = (0, 0, 0, 0)
             w = (0, 0, 0, 0, 0, 0, 0)
         else:
-            hidden = _rows(hidden)
-            hid = (hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
             weights = tuple(t.contiguous() for t in head)
             w = (*_ptrs(weights), head.w1.shape[0], DTYPE_CODES[head.w1.dtype], int(head.is_mlp))
         req = tuple(t.contiguous() for t in requests.tensors())
         st_in = state.tensors()
         st = tuple(t.contiguous() for t in st_in)
+        args = [logits, hidden, w, (*_ptrs(req), requests.eos_ids.shape[1], requests.exit_tokens.shape[1]), _ptrs(st)]
+        if drafts is not None:
+            args.append(drafts)
         # A stream belongs to a device: launch with the logits' device current.
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            self.module.decode_step(
-                (logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], B, V),
-                hid,
-                w,
-                (*_ptrs(req), requests.eos_ids.shape[1], requests.exit_tokens.shape[1]),
-                _ptrs(st),
-                _ptrs(out),
-                self._last_arg(dev),
-            )
+            getattr(self.module, op)(*args, outputs, self._last_arg(dev))
         for mine, theirs in zip(st, st_in):
             if mine.data_ptr() != theirs.data_ptr():
                 theirs.copy_(mine)
-        return out
 
 
 def cpu_backend(module: ModuleType) -> NativeBackend:

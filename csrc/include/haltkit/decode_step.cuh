@@ -84,6 +84,29 @@ HK_HD void store_state(const DecodeStepArgs& a, int64_t b, const RowState& s) {
   a.finish_reason[b] = s.finish_reason;
 }
 
+// What verify_step adds to a position: speculative sampling of its drafted token.
+struct SpecDraft {
+  bool on;         // method "rejection", a drafted position of a sampled row
+  int64_t draft;   // the drafted token, in [0, V)
+  const void* q;   // the draft distribution row [V], or null for a point mass at the draft
+  int32_t q_dtype;
+};
+
+// One position to judge: its logits row, its hidden row (null without a head), and whether a
+// malformed draft makes it an ERROR whatever the logits.
+struct Position {
+  const void* logits;
+  const void* hidden;
+  bool force_bad;
+  SpecDraft spec;
+};
+
+struct Judged {
+  int64_t token;  // -1 when nothing is emitted
+  float logprob;  // NaN when nothing is emitted
+  float value;    // NaN for rows not running or without a head
+};
+
 // The head is  sum_r unit(r, pre_r) + bias,  with pre_r = <x, w1[r]> (x = [h, step features]):
 // the linear head has one unit, pre_0 + b1[0], and no bias; the MLP's unit r is
 // relu(pre_r + b1[r]) * w2[r] and its bias b2[0]. Each launcher sums the units its own way.

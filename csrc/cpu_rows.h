@@ -1,0 +1,443 @@
+// The host launchers' row machinery (decode_step_cpu.cpp, verify_step_cpu.cpp): the row logic of
+// csrc/include/haltkit in vectorisable loops over one row at a time, on one thread.
+//
+// A row takes a few passes, all but the first over data already in this core's L2:
+//   1. read the logits once: row check and max (greedy rows: also the argmax and softmax mass);
+//   2. z = (x - max) / t into a per-thread buffer;
+//   3. (filtered rows) the top-k / top-p thresholds, by a chunk-maximum bound for small k and a
+//      radix select otherwise: no full sort;
+//   4. one pass in chunks of 64 tokens: mass of the kept set and the Gumbel-max draw. A chunk
+//      whose best z cannot beat the best score so far even with the largest possible noise
+//      skips its Philox and logs, so peaked rows draw at little more than the cost of the mass.
+// Host code only: it is compiled once per launcher file, inside an anonymous namespace.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "haltkit/decode_step.cuh"
+
+namespace hk {
+namespace {
+
+constexpr int64_t kChunk = 64;  // tokens per chunk: 16 Philox blocks
+
+struct Scratch {
+  std::vector<float> z;          // the row's scaled logits
+  std::vector<float> hidden;     // the row's hidden state, as float
+  std::vector<uint32_t> keys;    // radix-select candidates (order keys)
+  std::vector<float> vals;       // top-k candidates
+  uint32_t count[kRadixMaxBuckets];
+  double mass[kRadixMaxBuckets];
+};
+
+// One per OpenMP thread, grown on demand and kept across calls.
+Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+template <int DT>
+inline float ld(const void* row, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return static_cast<const float*>(row)[i];
+  } else if constexpr (DT == kBFloat16) {
+    return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
+  } else {
+    return half_to_float(static_cast<const uint16_t*>(row)[i]);
+  }
+}
+
+struct RowScan {
+  float max;
+  bool bad;  // NaN or +inf anywhere, or no finite entry
+};
+
+template <int DT>
+RowScan scan_row(const void* row, int64_t V) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < V; ++i) m = checked_max(m, ld<DT>(row, i));
+  return RowScan{m, max_is_bad(m)};
+}
+
+template <int DT>
+void fill_z(const void* row, int64_t V, float m, float t, float* z) {
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) z[i] = (ld<DT>(row, i) - m) / t;
+}
+
+// --- radix select ---------------------------------------------------------------------------
+
+// One radix level: histogram of the candidates' bucket counts (and masses when `by_mass`).
+template <bool kByMass, class ForEach>
+void radix_histogram(int level, Scratch& s, const ForEach& for_each) {
+  const int nb = radix_buckets(level);
+  std::fill(s.count, s.count + nb, 0u);
+  if (kByMass) std::fill(s.mass, s.mass + nb, 0.0);
+  for_each([&](uint32_t key, float zi) {
+    const uint32_t b = radix_bucket(key, level);
+    s.count[b] += 1;
+    if (kByMass) s.mass[b] += static_cast<double>(exp_f(zi));
+  });
+}
+
+// Walks the buckets from the largest z down to the first where the running count reaches
+// `*need` (count mode) or the running mass reaches `target` (mass mode); returns the bucket, or
+// -1 when none does, and leaves in `*need` / `*before` what the buckets above it held.
+template <bool kByMass>
+int radix_walk(int level, const Scratch& s, int64_t* need, double* before, float target) {
+  const int nb = radix_buckets(level);
+  for (int b = 0; b < nb; ++b) {
+    if (kByMass) {
+      if (mass_reaches(*before + s.mass[b], target)) return b;
+      *before += s.mass[b];
+    } else {
+      if (s.count[b] >= *need) return b;
+      *need -= s.count[b];
+    }
+  }
+  return -1;
+}
+
+// The z at which, walking the row's z >= floor from the largest down, the running count first
+// reaches k (kByMass false) or the running exp-mass first reaches top_p times the total
+// (kByMass true). -inf when the mass never reaches it (rounding; the reference then keeps the
+// whole set).
+template <bool kByMass>
+float radix_select(const float* z, int64_t V, float floor, int64_t k, float top_p, Scratch& s) {
+  int64_t need = k;
+  double before = 0.0;
+  radix_histogram<kByMass>(0, s, [&](auto&& visit) {
+    for (int64_t i = 0; i < V; ++i)
+      if (z[i] >= floor) visit(order_key(z[i]), z[i]);
+  });
+  float target = 0.0f;
+  if (kByMass) {
+    double total = 0.0;
+    for (int b = 0; b < radix_buckets(0); ++b) total += s.mass[b];
+    target = top_p_target(total, top_p);
+  }
+  int b = radix_walk<kByMass>(0, s, &need, &before, target);
+  if (b < 0) return -kInf;
+  uint32_t prefix = static_cast<uint32_t>(b) << radix_shift(0);
+
+  // Candidates of the chosen bucket; each deeper level keeps those of its chosen bucket.
+  s.keys.clear();
+  for (int64_t i = 0; i < V; ++i) {
+    const uint32_t key = order_key(z[i]);
+    if (z[i] >= floor && radix_bucket(key, 0) == static_cast<uint32_t>(b)) s.keys.push_back(key);
+  }
+  for (int level = 1; level < kRadixLevels; ++level) {
+    radix_histogram<kByMass>(level, s, [&](auto&& visit) {
+      for (uint32_t key : s.keys) visit(key, key_value(key));
+    });
+    b = radix_walk<kByMass>(level, s, &need, &before, target);
+    if (b < 0) return -kInf;
+    prefix |= static_cast<uint32_t>(b) << radix_shift(level);
+    if (level + 1 < kRadixLevels) {
+      const auto end = std::remove_if(s.keys.begin(), s.keys.end(), [&](uint32_t key) {
+        return !radix_match(key, prefix, level + 1);
+      });
+      s.keys.erase(end, s.keys.end());
+    }
+  }
+  return key_value(prefix);
+}
+
+// top-k (and top-p within it) for k well below the number of chunks: the k-th largest chunk
+// maximum is a lower bound on tau_k (k chunks reach it, so k tokens do), so only the tokens of
+// chunks above it are sorted. The reference's cumsum is then replayed in its own order.
+void top_k_by_chunk_bound(const float* z, int64_t V, const Filter& f, Scratch& s, float* tau_k,
+                          float* tau_p) {
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  s.vals.resize(static_cast<size_t>(chunks));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t base = c * kChunk, n = std::min(kChunk, V - base);
+    float cmax = -kInf;
+#pragma omp simd reduction(max : cmax)
+    for (int64_t j = 0; j < n; ++j) cmax = z[base + j] > cmax ? z[base + j] : cmax;
+    s.vals[c] = cmax;
+  }
+  const int64_t k = f.top_k;
+  std::nth_element(s.vals.begin(), s.vals.begin() + (k - 1), s.vals.end(), std::greater<float>());
+  const float bound = s.vals[k - 1];
+  s.vals.clear();
+  for (int64_t i = 0; i < V; ++i)
+    if (z[i] >= bound) s.vals.push_back(z[i]);
+  std::sort(s.vals.begin(), s.vals.end(), std::greater<float>());
+  *tau_k = s.vals[k - 1];
+  if (!f.top_p_on) return;
+  const size_t kept = std::upper_bound(s.vals.begin(), s.vals.end(), *tau_k, std::greater<float>()) - s.vals.begin();
+  double cum = 0.0;
+  for (size_t j = 0; j < kept; ++j) cum += static_cast<double>(exp_f(s.vals[j]));
+  const float target = top_p_target(cum, f.top_p);
+  cum = 0.0;
+  for (size_t j = 0; j < kept; ++j) {
+    cum += static_cast<double>(exp_f(s.vals[j]));
+    if (mass_reaches(cum, target)) {
+      *tau_p = s.vals[j];
+      return;
+    }
+  }
+}
+
+// max(tau_k, tau_p, tau_m): the kept set is z >= tau (see filter_threshold in the reference).
+float kept_threshold(const float* z, int64_t V, const Filter& f, Scratch& s) {
+  float tau_k = -kInf, tau_p = -kInf;
+  if (f.top_k_on && f.top_k * 4 <= V / kChunk) {
+    top_k_by_chunk_bound(z, V, f, s, &tau_k, &tau_p);
+  } else {
+    if (f.top_k_on) tau_k = radix_select<false>(z, V, -kInf, f.top_k, 0.0f, s);
+    if (f.top_p_on) tau_p = radix_select<true>(z, V, tau_k, 0, f.top_p, s);
+  }
+  return std::max(std::max(tau_k, tau_p), f.tau_m);
+}
+
+// --- the draw -----------------------------------------------------------------------------
+
+struct Draw {
+  int64_t token;  // argmax of z + G over the kept set (-1 when not drawn)
+  double mass;    // sum of exp(z) over the kept set
+};
+
+// Step 4 over z: the kept set's mass and, when `draw`, the Gumbel-max token. Exact pruning: a
+// chunk is skipped when its largest z plus the largest noise it could get cannot beat the best
+// score so far (strictly, so the first index still wins ties). The noise bound is first the
+// global one, then, once the chunk's Philox words exist, the noise of its largest word (the map
+// word -> noise is monotone up to rounding, which kGumbelSlack covers).
+Draw mass_and_draw(const float* z, int64_t V, float tau, bool draw, uint64_t seed, uint32_t step) {
+  constexpr float kGumbelSlack = 1e-3f;
+  Draw d{-1, 0.0};
+  float best = -kInf;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int64_t base = 0; base < V; base += kChunk) {
+    const int64_t n = std::min(kChunk, V - base);
+    const float* zc = z + base;
+    float cmax = -kInf;
+#pragma omp simd reduction(max : cmax)
+    for (int64_t j = 0; j < n; ++j) cmax = zc[j] > cmax ? zc[j] : cmax;
+    if (cmax < tau) continue;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += zc[j] >= tau ? exp_f(zc[j]) : 0.0f;
+    d.mass += acc;
+    if (!draw || cmax + kGumbelMax < best) continue;
+
+    uint32_t words[kChunk];
+    const uint32_t block0 = static_cast<uint32_t>(base >> 2);
+#pragma omp simd
+    for (int j = 0; j < static_cast<int>(kChunk / 4); ++j) {
+      const PhiloxWords w = philox4x32_10(block0 + j, step, kStreamToken, 0u, k0, k1);
+      words[4 * j] = w.w[0];
+      words[4 * j + 1] = w.w[1];
+      words[4 * j + 2] = w.w[2];
+      words[4 * j + 3] = w.w[3];
+    }
+    uint32_t wmax = 0;
+#pragma omp simd reduction(max : wmax)
+    for (int64_t j = 0; j < n; ++j) wmax = words[j] > wmax ? words[j] : wmax;
+    if (cmax + (gumbel_from_word(wmax) + kGumbelSlack) < best) continue;
+
+    float score[kChunk];
+    float smax = -kInf;
+#pragma omp simd reduction(max : smax)
+    for (int64_t j = 0; j < n; ++j) {
+      score[j] = zc[j] >= tau ? zc[j] + gumbel_from_word(words[j]) : -kInf;
+      smax = score[j] > smax ? score[j] : smax;
+    }
+    if (smax > best) {  // strict: the first index wins a tie, as argmax does
+      best = smax;
+      int64_t j = 0;
+      while (score[j] != smax) ++j;
+      d.token = base + j;
+    }
+  }
+  return d;
+}
+
+// A greedy row in one pass over the logits: row check, first argmax and the softmax mass, the
+// mass kept relative to the running max and rescaled when it grows (online softmax).
+struct GreedyScan {
+  RowScan scan;
+  int64_t token;
+  double mass;  // sum of exp(x - max)
+};
+
+template <int DT>
+GreedyScan greedy_scan(const void* row, int64_t V) {
+  constexpr int64_t kSpan = 256;  // logits per online-softmax update, read again from L1
+  float m = -kInf;
+  double mass = 0.0;
+  int64_t arg_base = 0;
+  for (int64_t base = 0; base < V; base += kSpan) {
+    const int64_t n = std::min(kSpan, V - base);
+    float cm = -kInf;
+#pragma omp simd reduction(max : cm)
+    for (int64_t j = 0; j < n; ++j) cm = checked_max(cm, ld<DT>(row, base + j));
+    if (cm > m) {
+      mass *= static_cast<double>(exp_f(m - cm));  // m = -inf gives 0: nothing to rescale
+      m = cm;
+      arg_base = base;  // the first maximum lies in the first span that reached it
+    }
+    if (max_is_bad(m)) continue;  // nothing finite yet, or a bad row
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += exp_f(ld<DT>(row, base + j) - m);
+    mass += acc;
+  }
+  GreedyScan g{RowScan{m, max_is_bad(m)}, -1, mass};
+  if (!g.scan.bad) {
+    g.token = arg_base;
+    while (ld<DT>(row, g.token) != m) ++g.token;
+  }
+  return g;
+}
+
+// --- one position of one row -------------------------------------------------------------
+
+// The head on one hidden row after n tokens.
+float head_value(const DecodeStepArgs& a, const void* h, int32_t n, int32_t budget, Scratch& s) {
+  const int64_t d = a.d;
+  const int64_t w = d + 2;
+  s.hidden.resize(static_cast<size_t>(w));
+  for (int64_t i = 0; i < d; ++i) s.hidden[i] = load_as_float(h, i, a.hidden_dtype);
+  s.hidden[d] = feature_log1p(n);
+  s.hidden[d + 1] = feature_fraction(n, budget);
+  const float* x = s.hidden.data();
+  float v = 0.0f;
+  for (int64_t r = 0; r < a.R; ++r) {
+    float acc = 0.0f;
+    if (a.weight_dtype == kFloat32) {
+      const float* wr = static_cast<const float*>(a.w1) + r * w;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < w; ++i) acc += x[i] * wr[i];
+    } else {
+      const void* wr = static_cast<const uint16_t*>(a.w1) + r * w;
+      for (int64_t i = 0; i < w; ++i) acc += x[i] * load_as_float(wr, i, a.weight_dtype);
+    }
+    v += head_unit(a, r, acc);
+  }
+  return v + head_bias(a);
+}
+
+// Speculative sampling's token at a drafted position (see the verify_step reference): the draft
+// when u * q(x) < p(x), else the Gumbel-max draw over the residual max(0, p - q) (p itself when
+// that is empty). p_i = exp(z_i - log_mass) over the kept set.
+int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass, const SpecDraft& sd,
+                           uint64_t seed, uint32_t step) {
+  auto p_of = [&](int64_t i) { return z[i] >= tau ? exp_f(z[i] - log_mass) : 0.0f; };
+  const float qx = sd.q != nullptr ? load_as_float(sd.q, sd.draft, sd.q_dtype) : 1.0f;
+  const float u = uniform_from_word(philox_word(seed, step, kStreamAccept, 0));
+  if (u * qx < p_of(sd.draft)) return sd.draft;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (const bool residual : {true, false}) {
+    float best = -kInf;
+    int64_t token = -1;
+    for (int64_t base = 0; base < V; base += kChunk) {
+      const int64_t n = std::min(kChunk, V - base);
+      uint32_t words[kChunk];
+      for (int j = 0; j < static_cast<int>(kChunk / 4); ++j) {
+        const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(base >> 2) + j, step, kStreamResidual, 0u, k0, k1);
+        for (int c = 0; c < 4; ++c) words[4 * j + c] = w.w[c];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = base + j;
+        const float p = p_of(i);
+        float r = p;
+        if (residual) {
+          r = sd.q != nullptr ? p - load_as_float(sd.q, i, sd.q_dtype) : (i == sd.draft ? 0.0f : p);
+          r = r < 0.0f ? 0.0f : r;  // NaN stays NaN and drops out below, as torch.clamp
+        }
+        if (!(r > 0.0f)) continue;
+        const float score = log_f(r) + gumbel_from_word(words[j]);
+        if (score > best) best = score, token = i;
+      }
+    }
+    if (token >= 0) return token;
+  }
+  return sd.draft;  // unreachable: p is positive at the row's maximum
+}
+
+// Judges one position of one row as decode_step specifies, updating `s`: value, row check,
+// exits, then the token (forced, speculative, greedy or drawn) and its log-prob.
+template <int DT>
+Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Position& pos) {
+  Scratch& scr = scratch();
+  const int64_t V = a.V;
+  if (s.finish_reason != kNone) return Judged{-1, kNaN, kNaN};
+  const bool greedy = r.temperature == 0.0f;
+  const void* row = pos.logits;
+
+  const float value = pos.hidden != nullptr ? head_value(a, pos.hidden, s.num_generated, feature_budget(r), scr) : kNaN;
+  GreedyScan g{RowScan{0.0f, true}, -1, 0.0};
+  if (!pos.force_bad) g = greedy ? greedy_scan<DT>(row, V) : GreedyScan{scan_row<DT>(row, V), -1, 0.0};
+  const StepPlan p = plan_step(r, s, g.scan.bad, value);
+
+  int64_t token = -1;
+  float logprob = kNaN;
+  if (p.emit && greedy) {
+    // Every token is kept: log p = (x - max) - log(mass).
+    token = p.forcing ? p.forced_token : g.token;
+    logprob = (ld<DT>(row, token) - g.scan.max) - log_f(static_cast<float>(g.mass));
+  } else if (p.emit) {
+    scr.z.resize(static_cast<size_t>(V));
+    float* z = scr.z.data();
+    fill_z<DT>(row, V, g.scan.max, row_temperature(r), z);
+    const Filter f = row_filter(r, V);
+    const float tau = (f.top_k_on || f.top_p_on) ? kept_threshold(z, V, f, scr) : f.tau_m;
+    const uint32_t step = static_cast<uint32_t>(s.num_generated);
+    const bool speculate = p.draw && pos.spec.on;
+    const Draw d = mass_and_draw(z, V, tau, p.draw && !speculate, r.seed, step);
+    const float log_mass = log_f(static_cast<float>(d.mass));
+    token = p.forcing ? p.forced_token : (speculate ? speculative_choice(z, V, tau, log_mass, pos.spec, r.seed, step) : d.token);
+    const float zt = z[token];
+    logprob = zt >= tau ? zt - log_mass : -kInf;
+  }
+  finish_step(r, s, p, token);
+  return Judged{p.emit ? token : -1, p.emit ? logprob : kNaN, value};
+}
+
+using JudgeFn = Judged (*)(const DecodeStepArgs&, const RowRequest&, RowState&, const Position&);
+
+JudgeFn judge_for(int32_t logits_dtype) {
+  if (logits_dtype == kFloat32) return judge<kFloat32>;
+  if (logits_dtype == kBFloat16) return judge<kBFloat16>;
+  if (logits_dtype == kFloat16) return judge<kFloat16>;
+  throw std::invalid_argument("unknown logits dtype code " + std::to_string(logits_dtype));
+}
+
+// Runs row(b) for every row on up to `num_threads` threads; the first exception is rethrown
+// after the parallel region (it must not leave one).
+template <class Row>
+void for_each_row(int64_t B, int num_threads, const Row& row) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
+  std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t b = 0; b < B; ++b) {
+    try {
+      row(b);
+    } catch (...) {
+#pragma omp critical(haltkit_row_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// Step 6, compaction: order-preserving indices of the rows still running, -1 padded.
+void compact_host(const int32_t* finish_reason, int64_t B, int64_t* active_idx, int64_t* num_active) {
+  int64_t n = 0;
+  for (int64_t b = 0; b < B; ++b)
+    if (finish_reason[b] == kNone) active_idx[n++] = b;
+  for (int64_t b = n; b < B; ++b) active_idx[b] = -1;
+  *num_active = n;
+}
+
+}  // namespace
+}  // namespace hk

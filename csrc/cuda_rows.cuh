@@ -1,0 +1,418 @@
+// The CUDA launchers' row machinery (decode_step.cu, verify_step.cu): one thread block judges
+// one position of one row, then one small block compacts the batch.
+//
+// A position reads its logits in groups of four tokens (one Philox block; a 16-byte load for fp32
+// rows whose start is 16-byte aligned): once for the row check and max (greedy rows also take
+// their argmax and softmax mass in that pass, online), once per radix level for top-k / top-p,
+// and once for the kept mass and the Gumbel-max draw, where a group skips its Philox and logs
+// when its best z plus the largest possible noise cannot beat the thread's best score. Repeat
+// passes hit L2. Summation orders differ from the host build, so values and log-probs agree
+// within tolerance; tokens, termination and compaction are exact.
+//
+// Not yet here (see issue 5): splitting one long row over several blocks when B is small, and a
+// persistent grid for large B.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "haltkit/decode_step.cuh"
+
+namespace hk {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBucketsPerThread = kRadixMaxBuckets / kThreads;
+constexpr unsigned kFull = 0xffffffffu;
+
+struct ArgBest {
+  float score;
+  int32_t index;  // lowest index among equal scores; INT32_MAX when empty
+};
+
+__device__ __forceinline__ ArgBest better(ArgBest a, ArgBest b) {
+  if (b.score > a.score || (b.score == a.score && b.index < a.index)) return b;
+  return a;
+}
+
+struct Shared {
+  uint32_t count[kRadixMaxBuckets];
+  double mass[kRadixMaxBuckets];
+  double dred[kWarps];
+  float fred[kWarps];
+  ArgBest bred[kWarps];
+  int64_t scan_count[kWarps];
+  double scan_mass[kWarps];
+  int32_t found;
+  int64_t found_need;
+  double found_before;
+};
+
+// --- block reductions (every thread gets the result; the combine order is fixed) -------------
+
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op, T* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T r = scratch[0];
+  for (int w = 1; w < kWarps; ++w) r = op(r, scratch[w]);
+  __syncthreads();
+  return r;
+}
+
+__device__ ArgBest block_argbest(ArgBest v, Shared& sh) {
+  for (int o = 16; o > 0; o >>= 1) {
+    ArgBest other{__shfl_xor_sync(kFull, v.score, o), __shfl_xor_sync(kFull, v.index, o)};
+    v = better(v, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sh.bred[warp] = v;
+  __syncthreads();
+  ArgBest r = sh.bred[0];
+  for (int w = 1; w < kWarps; ++w) r = better(r, sh.bred[w]);
+  __syncthreads();
+  return r;
+}
+
+struct Plus {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct CheckedMax {
+  __device__ float operator()(float a, float b) const { return checked_max(a, b); }
+};
+
+// --- reading a row in groups of four tokens --------------------------------------------------
+
+struct Row {
+  const void* ptr;
+  int64_t V;
+  int32_t dt;
+  bool vec;  // fp32 row starting on a 16-byte boundary: whole groups load as one float4
+};
+
+// Tokens 4g .. 4g+3 (-inf past the end of the row).
+__device__ __forceinline__ void load_group(const Row& row, int64_t g, float x[4]) {
+  const int64_t i0 = 4 * g;
+  if (row.vec && i0 + 3 < row.V) {
+    const float4 q = reinterpret_cast<const float4*>(row.ptr)[g];
+    x[0] = q.x, x[1] = q.y, x[2] = q.z, x[3] = q.w;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) x[j] = i0 + j < row.V ? load_as_float(row.ptr, i0 + j, row.dt) : -kInf;
+}
+
+__device__ __forceinline__ int64_t num_groups(const Row& row) { return (row.V + 3) / 4; }
+
+// --- the value head --------------------------------------------------------------------------
+
+// The head on one hidden row after n tokens: one warp per unit r, lanes across the d + 2 features.
+__device__ float block_head_value(const DecodeStepArgs& a, const void* h, int32_t n, int32_t budget, Shared& sh) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t w = a.d + 2;
+  const float f0 = feature_log1p(n), f1 = feature_fraction(n, budget);
+  float partial = 0.0f;
+  for (int64_t r = warp; r < a.R; r += kWarps) {
+    const void* wr = static_cast<const char*>(a.w1) + r * w * (a.weight_dtype == kFloat32 ? 4 : 2);
+    float acc = 0.0f;
+    for (int64_t i = lane; i < w; i += 32) {
+      const float x = i < a.d ? load_as_float(h, i, a.hidden_dtype) : (i == a.d ? f0 : f1);
+      acc += x * load_as_float(wr, i, a.weight_dtype);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);
+    partial += head_unit(a, r, acc);
+  }
+  if (lane != 0) partial = 0.0f;  // lane 0 holds its warp's units once
+  return block_reduce(partial, Plus{}, sh.fred) + head_bias(a);
+}
+
+// --- radix select ----------------------------------------------------------------------------
+
+// Walks a level's buckets from the largest z down (see radix_walk in decode_step_cpu.cpp): each
+// thread owns consecutive buckets, an exclusive scan gives what lies above them, and the lowest
+// bucket meeting the goal wins. Returns it (or -1) and updates need / before for every thread.
+__device__ int block_walk(int level, bool by_mass, int64_t* need, double* before, float target, Shared& sh) {
+  const int nb = radix_buckets(level);
+  const int per = nb / kThreads;  // 4, or 1 at the last level
+  const int lo = threadIdx.x * per;
+  int64_t c = 0;
+  double m = 0.0;
+  for (int j = 0; j < per; ++j) c += sh.count[lo + j], m += sh.mass[lo + j];
+  // Exclusive scan of (c, m) over threads, in thread order (deterministic).
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t ci = c;
+  double mi = m;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t cu = __shfl_up_sync(kFull, ci, o);
+    const double mu = __shfl_up_sync(kFull, mi, o);
+    if (lane >= o) ci += cu, mi += mu;
+  }
+  if (lane == 31) sh.scan_count[warp] = ci, sh.scan_mass[warp] = mi;
+  if (threadIdx.x == 0) sh.found = INT32_MAX;
+  __syncthreads();
+  int64_t c_before = ci - c;
+  double m_before = mi - m;
+  for (int w = 0; w < warp; ++w) c_before += sh.scan_count[w], m_before += sh.scan_mass[w];
+  for (int j = 0; j < per; ++j) {
+    const int bkt = lo + j;
+    const bool hit = by_mass ? mass_reaches(*before + (m_before + sh.mass[bkt]), target)
+                             : c_before + sh.count[bkt] >= *need;
+    if (hit) {
+      atomicMin(&sh.found, bkt);
+      break;
+    }
+    c_before += sh.count[bkt];
+    m_before += sh.mass[bkt];
+  }
+  __syncthreads();
+  const int found = sh.found;
+  if (found != INT32_MAX && lo <= found && found < lo + per) {
+    // The owner of the found bucket knows what the buckets above it hold.
+    int64_t cb = ci - c;
+    double mb = mi - m;
+    for (int w = 0; w < warp; ++w) cb += sh.scan_count[w], mb += sh.scan_mass[w];
+    for (int bkt = lo; bkt < found; ++bkt) cb += sh.count[bkt], mb += sh.mass[bkt];
+    sh.found_need = *need - cb;
+    sh.found_before = *before + mb;
+  }
+  __syncthreads();
+  if (found == INT32_MAX) return -1;
+  *need = sh.found_need;
+  *before = sh.found_before;
+  __syncthreads();
+  return found;
+}
+
+// The z at which, walking the row's z >= floor from the largest down, the running count first
+// reaches k, or (by_mass) the running exp-mass first reaches top_p times the total.
+__device__ float block_radix_select(const Row& row, float m, float t, float floor, bool by_mass, int64_t k,
+                                    float top_p, Shared& sh) {
+  int64_t need = k;
+  double before = 0.0;
+  float target = 0.0f;
+  uint32_t prefix = 0;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    const int nb = radix_buckets(level);
+    for (int i = threadIdx.x; i < nb; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0.0;
+    __syncthreads();
+    for (int64_t g = threadIdx.x; g < num_groups(row); g += kThreads) {
+      float x[4];
+      load_group(row, g, x);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float z = (x[j] - m) / t;
+        const uint32_t key = order_key(z);
+        // Past the row's end x = -inf: z = -inf is below any floor but -inf, so mask by index.
+        if (4 * g + j >= row.V || !(z >= floor) || !radix_match(key, prefix, level)) continue;
+        const uint32_t bkt = radix_bucket(key, level);
+        atomicAdd(&sh.count[bkt], 1u);
+        if (by_mass) atomicAdd(&sh.mass[bkt], static_cast<double>(exp_f(z)));
+      }
+    }
+    __syncthreads();
+    if (by_mass && level == 0) {
+      double part = 0.0;
+      for (int i = threadIdx.x * kBucketsPerThread; i < (threadIdx.x + 1) * kBucketsPerThread; ++i) part += sh.mass[i];
+      target = top_p_target(block_reduce(part, Plus{}, sh.dred), top_p);
+    }
+    const int bkt = block_walk(level, by_mass, &need, &before, target, sh);
+    if (bkt < 0) return -kInf;
+    prefix |= static_cast<uint32_t>(bkt) << radix_shift(level);
+  }
+  return key_value(prefix);
+}
+
+// --- speculative sampling ------------------------------------------------------------------
+
+// As speculative_choice in cpu_rows.h: the draft when u * q(x) < p(x), else the Gumbel-max draw
+// over max(0, p - q) (p itself when that is empty).
+__device__ int64_t block_speculative_choice(const Row& row, float m, float t, float tau, float log_mass,
+                                            const SpecDraft& sd, uint64_t seed, uint32_t step, Shared& sh) {
+  auto p_of = [&](float x) {
+    const float z = (x - m) / t;
+    return z >= tau ? exp_f(z - log_mass) : 0.0f;
+  };
+  const float qx = sd.q != nullptr ? load_as_float(sd.q, sd.draft, sd.q_dtype) : 1.0f;
+  const float u = uniform_from_word(philox_word(seed, step, kStreamAccept, 0));
+  if (u * qx < p_of(load_as_float(row.ptr, sd.draft, row.dt))) return sd.draft;
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool residual = pass == 0;
+    ArgBest best{-kInf, INT32_MAX};
+    for (int64_t g = threadIdx.x; g < num_groups(row); g += kThreads) {
+      float x[4];
+      load_group(row, g, x);
+      const PhiloxWords w = philox_block(seed, step, kStreamResidual, static_cast<uint32_t>(g));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t i = 4 * g + j;
+        if (i >= row.V) break;
+        const float p = p_of(x[j]);
+        float r = p;
+        if (residual) {
+          r = sd.q != nullptr ? p - load_as_float(sd.q, i, sd.q_dtype) : (i == sd.draft ? 0.0f : p);
+          r = r < 0.0f ? 0.0f : r;  // NaN stays NaN and drops out below, as torch.clamp
+        }
+        if (!(r > 0.0f)) continue;
+        const float score = log_f(r) + gumbel_from_word(w.w[j]);
+        if (score > best.score) best = ArgBest{score, static_cast<int32_t>(i)};
+      }
+    }
+    best = block_argbest(best, sh);
+    if (best.index != INT32_MAX) return best.index;
+  }
+  return sd.draft;  // unreachable: p is positive at the row's maximum
+}
+
+// --- one position of one row ----------------------------------------------------------------
+
+// Judges one position as decode_step specifies (see judge in cpu_rows.h). Every thread of the
+// block returns the same result and leaves the same state in `s`.
+__device__ Judged block_judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Position& pos,
+                              Shared& sh) {
+  if (s.finish_reason != kNone) return Judged{-1, kNaN, kNaN};  // uniform across the block
+  const bool greedy = r.temperature == 0.0f;
+  const Row row{pos.logits, a.V, a.logits_dtype,
+                a.logits_dtype == kFloat32 && (reinterpret_cast<uintptr_t>(pos.logits) & 15u) == 0};
+  const float value =
+      pos.hidden != nullptr ? block_head_value(a, pos.hidden, s.num_generated, feature_budget(r), sh) : kNaN;
+
+  // Pass 1: row check and max; greedy rows also their first argmax and online softmax mass.
+  float tmax = -kInf, tmass = 0.0f;
+  ArgBest arg{-kInf, INT32_MAX};
+  for (int64_t g = threadIdx.x; g < num_groups(row) && !pos.force_bad; g += kThreads) {
+    float x[4];
+    load_group(row, g, x);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (4 * g + j >= a.V) break;
+      const float nm = checked_max(tmax, x[j]);
+      if (greedy) {
+        if (x[j] > arg.score) arg = ArgBest{x[j], static_cast<int32_t>(4 * g + j)};
+        if (nm > tmax) {
+          tmass = (tmax == -kInf ? 0.0f : tmass * exp_f(tmax - nm)) + (nm == kInf ? 0.0f : 1.0f);
+        } else if (nm != -kInf) {
+          tmass += exp_f(x[j] - nm);
+        }
+      }
+      tmax = nm;
+    }
+  }
+  const float m = block_reduce(tmax, CheckedMax{}, sh.fred);
+  const bool bad = pos.force_bad || max_is_bad(m);
+  const StepPlan p = plan_step(r, s, bad, value);
+
+  int64_t token = -1;
+  float logprob = kNaN;
+  if (p.emit && greedy) {
+    const float part = tmax == -kInf ? 0.0f : tmass * exp_f(tmax - m);
+    const double mass = block_reduce(static_cast<double>(part), Plus{}, sh.dred);
+    const ArgBest best = block_argbest(arg, sh);
+    token = p.forcing ? p.forced_token : best.index;
+    logprob = (load_as_float(row.ptr, token, row.dt) - m) - log_f(static_cast<float>(mass));
+  } else if (p.emit) {
+    const float t = row_temperature(r);
+    const Filter f = row_filter(r, a.V);
+    float tau_k = -kInf, tau_p = -kInf;
+    if (f.top_k_on) tau_k = block_radix_select(row, m, t, -kInf, false, f.top_k, 0.0f, sh);
+    if (f.top_p_on) tau_p = block_radix_select(row, m, t, tau_k, true, 0, f.top_p, sh);
+    const float tau = fmaxf(fmaxf(tau_k, tau_p), f.tau_m);
+    const bool speculate = p.draw && pos.spec.on;
+    const bool draw = p.draw && !speculate;
+
+    // Pass 2: kept mass and the Gumbel-max draw.
+    const uint32_t step = static_cast<uint32_t>(s.num_generated);
+    float mass_part = 0.0f;
+    ArgBest best{-kInf, INT32_MAX};
+    for (int64_t g = threadIdx.x; g < num_groups(row); g += kThreads) {
+      float x[4], z[4];
+      load_group(row, g, x);
+      float zmax = -kInf;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        z[j] = (x[j] - m) / t;
+        if (z[j] >= tau && 4 * g + j < a.V) mass_part += exp_f(z[j]), zmax = fmaxf(zmax, z[j]);
+      }
+      if (!draw || zmax == -kInf || zmax + kGumbelMax < best.score) continue;
+      const PhiloxWords w = philox_block(r.seed, step, kStreamToken, static_cast<uint32_t>(g));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (!(z[j] >= tau) || 4 * g + j >= a.V) continue;
+        const float score = z[j] + gumbel_from_word(w.w[j]);
+        if (score > best.score) best = ArgBest{score, static_cast<int32_t>(4 * g + j)};
+      }
+    }
+    const double mass = block_reduce(static_cast<double>(mass_part), Plus{}, sh.dred);
+    const float log_mass = log_f(static_cast<float>(mass));
+    if (draw) best = block_argbest(best, sh);
+    if (p.forcing) {
+      token = p.forced_token;
+    } else if (speculate) {
+      token = block_speculative_choice(row, m, t, tau, log_mass, pos.spec, r.seed, step, sh);
+    } else {
+      token = best.index;
+    }
+    const float zt = (load_as_float(row.ptr, token, row.dt) - m) / t;
+    logprob = zt >= tau ? zt - log_mass : -kInf;
+  }
+  finish_step(r, s, p, token);
+  return Judged{p.emit ? token : -1, p.emit ? logprob : kNaN, value};
+}
+
+// --- compaction ------------------------------------------------------------------------------
+
+constexpr int kCompactThreads = 1024;
+
+// Order-preserving indices of running rows, -1 padded, and their count: each thread takes a
+// contiguous run of rows, a block scan places them.
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_rows(const int32_t* finish, int64_t B, int64_t* idx, int64_t* num) {
+  __shared__ int64_t warp_sums[kCompactThreads / 32];
+  const int64_t per = (B + kCompactThreads - 1) / kCompactThreads;
+  const int64_t lo = threadIdx.x * per, hi = lo + per < B ? lo + per : B;
+  int64_t c = 0;
+  for (int64_t i = lo; i < hi; ++i) c += finish[i] == kNone;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t ci = c;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t u = __shfl_up_sync(kFull, ci, o);
+    if (lane >= o) ci += u;
+  }
+  if (lane == 31) warp_sums[warp] = ci;
+  __syncthreads();
+  int64_t pos = ci - c, total = 0;
+  for (int w = 0; w < kCompactThreads / 32; ++w) {
+    if (w < warp) pos += warp_sums[w];
+    total += warp_sums[w];
+  }
+  for (int64_t i = lo; i < hi; ++i)
+    if (finish[i] == kNone) idx[pos++] = i;
+  for (int64_t i = total + threadIdx.x; i < B; i += kCompactThreads) idx[i] = -1;
+  if (threadIdx.x == 0) *num = total;
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a sticky launch error so the caller can go on
+    throw std::runtime_error(std::string("haltkit._C: ") + what + ": " + cudaGetErrorString(e));
+  }
+}
+
+// Throws a RuntimeError-bound exception when no device can run a kernel (no driver, no GPU).
+void require_device() {
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  if (e != cudaSuccess || devices == 0) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("haltkit._C: no usable CUDA device (") +
+                             (e != cudaSuccess ? cudaGetErrorString(e) : "none visible") + ")");
+  }
+}
+
+}  // namespace
+}  // namespace hk
