@@ -32,8 +32,8 @@ class CompiledRunner(ModelRunner):
 
     compiled = True
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:
-        super().__init__(model, batch, capacity)
+    def __init__(self, model: nn.Module, batch: int, capacity: int, layers: int | None = None) -> None:
+        super().__init__(model, batch, capacity, layers=layers)
         self._steps: dict[tuple, object] = {}
         self._fresh_s = 0.0
 
@@ -81,12 +81,13 @@ class CompiledRunner(ModelRunner):
         return s
 
 
-def compiled_runner(model: nn.Module, batch: int, capacity: int) -> CompiledRunner:
-    """The pooled compiled runner of ``model`` for this batch bucket and capacity."""
+def compiled_runner(model: nn.Module, batch: int, capacity: int, layers: int | None = None) -> CompiledRunner:
+    """The pooled compiled runner of ``model`` (or of its first ``layers`` layers, an early-layer
+    draft that brings the target's cache) for this batch bucket and capacity."""
     runners = _POOL.setdefault(model, {})
-    key = (batch, capacity)
+    key = (batch, capacity, layers)
     if key not in runners:
-        runners[key] = CompiledRunner(model, batch, capacity)
+        runners[key] = CompiledRunner(model, batch, capacity, layers)
     return runners[key]
 
 

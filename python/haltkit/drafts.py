@@ -74,11 +74,13 @@ def _check_len(max_len: object) -> int:
 
 
 class _ModelDrafter:
-    """Shared loop of the two model drafts: catch up the draft's cache, then draw k tokens."""
+    """Shared loop of the two model drafts: catch up the draft's cache, then draw k tokens, each
+    draft step one forward plus ``decode_step`` (one compiled graph when the engine compiles)."""
 
     max_len: int
     adaptive: bool
     runner: ModelRunner | None = None
+    compile = False
     #: Forward passes of the draft (model or early layers) since ``start``.
     forwards = 0
 
@@ -93,45 +95,65 @@ class _ModelDrafter:
     def _advance(self, done: torch.Tensor) -> None:
         """Record that the draft's cache now holds positions [0, done)."""
 
+    def _catch_up_width(self, ctx: DraftContext, D: torch.Tensor) -> int:
+        return 1
+
     def propose(
         self, ctx: DraftContext, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Draft up to ``k`` tokens per row: (tokens [P, k], lens [P] int32, probs [P, k, V])."""
-        runner = self.runner
         P, W = ctx.seq.shape
         L = ctx.length
         D = torch.minimum(self._cached(ctx), L)
-        # Catch-up chunk: positions [D, L] (the last is the pending token), right-padded; one
-        # forward feeds it and yields the logits of the first drafted token.
-        width = self._catch_up_width(ctx, D)
-        pos = D[:, None] + torch.arange(width, device=L.device)[None, :]
-        chunk = ctx.seq.gather(1, pos.clamp(max=W - 1))
-        logits, _ = runner.forward(chunk, D, ctx.view)
-        self.forwards += k
-        last = (L - D)[:, None, None].expand(P, 1, logits.shape[-1])
-        step_logits = logits.gather(1, last)[:, 0]
-
+        runner = self.runner
         req = self._draft_requests(ctx.requests)
         state = ctx.state.clone()
+        width = self._catch_up_width(ctx, D)
+        if width == 1:  # caught up: the first draft step feeds the pending token alone
+            pending = ctx.seq.gather(1, L[:, None])
+            token, prob = runner.step(_draft_one, pending, L, ctx.view, req, state, ctx.want_probs, ctx.backend)
+        else:
+            # Catch-up chunk: positions [D, L] (the last is the pending token), right-padded, fed
+            # eagerly (its width varies); its last real row's logits give the first draft.
+            pos = D[:, None] + torch.arange(width, device=L.device)[None, :]
+            chunk = ctx.seq.gather(1, pos.clamp(max=W - 1))
+            logits, _ = ModelRunner.step(runner, _eager_logits, chunk, D, ctx.view)
+            last = (L - D)[:, None, None].expand(P, 1, logits.shape[-1])
+            token, prob = _draw(logits.gather(1, last)[:, 0], req, state, ctx.want_probs, ctx.backend)
         tokens = torch.zeros(P, k, dtype=torch.int64, device=L.device)
-        probs = []
+        probs = [prob]
         alive = torch.ones(P, dtype=torch.bool, device=L.device)
         lens = torch.zeros(P, dtype=torch.int32, device=L.device)
         for i in range(k):
-            if ctx.want_probs:
-                probs.append(sampling_probs(step_logits, req))
-            out = decode_step(step_logits, None, req, state, None, backend=ctx.backend)
-            alive = alive & (out.tokens >= 0)
+            # A row's draft ends where its copy of the decode state finished (EOS, length).
+            alive = alive & (token >= 0)
             lens += alive.to(torch.int32)
-            tokens[:, i] = torch.where(alive, out.tokens, 0)
+            tokens[:, i] = torch.where(alive, token, 0)
             if i + 1 < k:
-                logits, _ = runner.forward(tokens[:, i : i + 1], L + 1 + i, ctx.view + i + 1)
-                step_logits = logits[:, 0]
+                token, prob = runner.step(_draft_one, tokens[:, i : i + 1], L + 1 + i, ctx.view + i + 1, req, state,
+                                          ctx.want_probs, ctx.backend)
+                probs.append(prob)
+        self.forwards += k
         self._advance(L + k)
         return tokens, lens, (torch.stack(probs, 1) if ctx.want_probs else None)
 
-    def _catch_up_width(self, ctx: DraftContext, D: torch.Tensor) -> int:
-        return 1
+
+def _draw(logits: torch.Tensor, requests: RequestBatch, state: DecodeState, want_probs: bool, backend: str):
+    """The draft's token by decode_step's own rule ([P] int64, -1 where its state finished), and
+    the distribution it was drawn from ([P, V]) when asked."""
+    probs = sampling_probs(logits, requests) if want_probs else None
+    return decode_step(logits, None, requests, state, None, backend).tokens, probs
+
+
+def _draft_one(runner: ModelRunner, input_ids, positions, requests, state, want_probs, backend):
+    """One draft step: the draft's forward over one token per row, then its draw."""
+    logits, _ = runner.forward_at(input_ids, positions)
+    return _draw(logits[:, 0], requests, state, want_probs, backend)
+
+
+def _eager_logits(runner: ModelRunner, input_ids, positions):
+    # The class's method, not a compiled one a CUDA runner may have installed on the instance.
+    return ModelRunner.forward_at(runner, input_ids, positions)
 
 
 class DraftModel(_ModelDrafter):
@@ -163,8 +185,9 @@ class DraftModel(_ModelDrafter):
             )
 
     def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
+        # The cache fills on the first proposal (its catch-up chunk is the whole prompt).
         self.runner = ModelRunner(self.model, batch, capacity)
-        self.forwards = 0
+        self.compile, self.forwards = compile, 0
         self.D = torch.zeros(batch, dtype=torch.int64, device=target.device)
 
     def _cached(self, ctx: DraftContext) -> torch.Tensor:
@@ -178,7 +201,12 @@ class DraftModel(_ModelDrafter):
         return int((ctx.length - D).max()) + 1
 
     def select_rows(self, idx: torch.Tensor) -> None:
-        self.runner = self.runner.compact(idx)
+        if self.compile:
+            from .compiled import move_to_bucket
+
+            self.runner = move_to_bucket(self.runner, idx)
+        else:
+            self.runner = self.runner.compact(idx)
         self.D = self.D.index_select(0, idx)
 
 
@@ -206,12 +234,17 @@ class EarlyLayerDraft(_ModelDrafter):
 
     def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
         self.runner = ModelRunner(target.model, batch, capacity, layers=self.layers, cache=target.cache)
-        self.forwards = 0
+        self.compile, self.forwards = compile, 0
 
     def _cached(self, ctx: DraftContext) -> torch.Tensor:
         # The target's verification pass wrote these layers at every position it scored; its
-        # cache (compacted, or swapped for a compiled bucket's) is the one to write into.
-        self.runner.cache = ctx.target.cache
+        # cache (compacted, or a compiled bucket's) is the one to write into.
+        target = ctx.target
+        if self.compile and target.compiled:
+            from .compiled import compiled_runner
+
+            self.runner = compiled_runner(target.model, target.batch, target.capacity, layers=self.layers)
+        self.runner.cache = target.cache
         return ctx.length
 
     def select_rows(self, idx: torch.Tensor) -> None:

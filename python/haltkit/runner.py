@@ -65,6 +65,9 @@ class RaggedKVCache:
             P, H, _, Dk = key_states.shape
             self.keys[layer_idx] = key_states.new_zeros(P, H, self.capacity + 1, Dk)
             self.values[layer_idx] = value_states.new_zeros(P, H, self.capacity + 1, value_states.shape[-1])
+            if key_states.is_cuda:  # CUDA graphs replay on these very buffers
+                torch._dynamo.mark_static_address(self.keys[layer_idx])
+                torch._dynamo.mark_static_address(self.values[layer_idx])
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         P, H, q, _ = key_states.shape
         idx = self.write_pos[:, None, :, None]
