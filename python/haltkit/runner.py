@@ -69,10 +69,11 @@ class RaggedKVCache:
                 torch._dynamo.mark_static_address(self.keys[layer_idx])
                 torch._dynamo.mark_static_address(self.values[layer_idx])
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        P, H, q, _ = key_states.shape
-        idx = self.write_pos[:, None, :, None]
-        k_buf.scatter_(2, idx.expand(P, H, q, k_buf.shape[-1]), key_states)
-        v_buf.scatter_(2, idx.expand(P, H, q, v_buf.shape[-1]), value_states)
+        # index_put_ rather than scatter_: torch.compile updates the buffers in place for it,
+        # where a scatter_ into a graph input costs a copy of the whole cache every step.
+        rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None]
+        k_buf[rows, :, self.write_pos] = key_states.transpose(1, 2)
+        v_buf[rows, :, self.write_pos] = value_states.transpose(1, 2)
         return k_buf[:, :, : self.view_len], v_buf[:, :, : self.view_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
