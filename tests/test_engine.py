@@ -280,7 +280,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, match):
 def test_result_reports_reasons_timings_and_serialises():
     model = tiny("llama")
     head = countdown_head(32, 10)
-    res = haltkit.generate(model, ragged_prompts(2), value_head=head, draft="layer:1",
+    res = haltkit.generate(model, ragged_prompts(2), value_head=head, draft="layer:1", progress=True,
                            exit=[greedy(10), greedy(10, cost_of_time=97.5)])
     d = json.loads(json.dumps(res.to_dict()))
     assert d["finish_reason"] == ["length", "value"] and d["num_steps"] == [10, 3]
