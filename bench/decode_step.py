@@ -174,6 +174,14 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['mode']} | {r['dtype']} | {r['B']} | {r['V']} | {r['floor_us']:.0f} | " + " | ".join(cells) + " |")
     if res["not_timed"]:
         lines += ["", "Not timed here: " + "; ".join(f"`{k}`: {v}" for k, v in res["not_timed"].items()) + "."]
+    lines += [
+        "",
+        "Reading: `compiled` sorts every row and draws Philox noise over the whole vocabulary even for "
+        "greedy rows (the reference is written to be obviously right, not fast), hence its greedy column. "
+        "`eager` draws from the global torch generator, not Philox keyed by (seed, step), and checks no "
+        "row for NaN: it does less than the fused op. On a shared machine (see the load average) "
+        "absolute times are noisy; the ratios come from interleaved runs of the same inputs.",
+    ]
     return "\n".join(lines) + "\n"
 
 
