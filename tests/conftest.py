@@ -17,6 +17,12 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under `pytest -n 2` each worker already has a core: torch's own intra-op threads would
+# oversubscribe the machine, and small ops then wait milliseconds for them (a [20000, 12]
+# reference step took 11 s with two threads, 0.14 s with one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 #: (rtol, atol) for values and log-probs computed from inputs of each dtype; arithmetic is fp32
 #: throughout, so differences come from summation order and exp/log implementations only.
 TOL = {
