@@ -41,6 +41,11 @@ struct Scratch {
   std::vector<float> vals;       // top-k candidates
   uint32_t count[kRadixMaxBuckets];
   double mass[kRadixMaxBuckets];
+  // Level 0 scatters into kLanes interleaved histograms: neighbouring tokens often share a
+  // bucket, and one histogram would chain every add through store-to-load forwarding.
+  static constexpr int kLanes = 4;
+  uint32_t count_lanes[kLanes][kRadixMaxBuckets];
+  double mass_lanes[kLanes][kRadixMaxBuckets];
 };
 
 // One per OpenMP thread, grown on demand and kept across calls.
@@ -137,17 +142,68 @@ void fill_z(const void* row, int64_t V, float m, float t, float* z) {
 
 // --- radix select ---------------------------------------------------------------------------
 
-// One radix level: histogram of the candidates' bucket counts (and masses when `by_mass`).
-template <bool kByMass, class ForEach>
-void radix_histogram(int level, Scratch& s, const ForEach& for_each) {
+// The order keys of the tokens with z >= floor, into `out` (vector compress with AVX-512).
+inline void gather_keys(const float* z, int64_t V, float floor, std::vector<uint32_t>& out) {
+  out.resize(static_cast<size_t>(V) + 16);  // room for a full vector store past the last key
+  uint32_t* dst = out.data();
+  size_t n = 0;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  // Compress in a register, then store: Zen 4's compress-to-memory form is microcoded and slow.
+  const __m512 vfloor = _mm512_set1_ps(floor);
+  const __m512i vabs = _mm512_set1_epi32(0x7fffffff);
+  for (; i + 16 <= V; i += 16) {
+    const __m512 zi = _mm512_loadu_ps(z + i);
+    const __mmask16 hit = _mm512_cmp_ps_mask(zi, vfloor, _CMP_GE_OQ);
+    const __m512i key = _mm512_maskz_compress_epi32(hit, _mm512_and_si512(_mm512_castps_si512(zi), vabs));
+    _mm512_storeu_si512(dst + n, key);
+    n += static_cast<size_t>(__builtin_popcount(hit));
+  }
+#endif
+  for (; i < V; ++i)
+    if (z[i] >= floor) dst[n++] = order_key(z[i]);
+  out.resize(n);
+}
+
+// One radix level over the candidate keys: bucket counts, or (kByMass) bucket exp-masses. Each
+// chunk's buckets and masses are computed in vector form, then scattered into kLanes
+// interleaved histograms (neighbouring tokens often share a bucket, and a single histogram
+// would chain every add through store-to-load forwarding), which are then summed.
+template <bool kByMass>
+void radix_histogram(int level, const std::vector<uint32_t>& keys, Scratch& s) {
+  constexpr int kLanes = Scratch::kLanes;
   const int nb = radix_buckets(level);
-  std::fill(s.count, s.count + nb, 0u);
-  if (kByMass) std::fill(s.mass, s.mass + nb, 0.0);
-  for_each([&](uint32_t key, float zi) {
-    const uint32_t b = radix_bucket(key, level);
-    s.count[b] += 1;
-    if (kByMass) s.mass[b] += static_cast<double>(exp_f(zi));
-  });
+  for (int l = 0; l < kLanes; ++l) {
+    if (kByMass) std::fill(s.mass_lanes[l], s.mass_lanes[l] + nb, 0.0);
+    if (!kByMass) std::fill(s.count_lanes[l], s.count_lanes[l] + nb, 0u);
+  }
+  const int64_t total = static_cast<int64_t>(keys.size());
+  for (int64_t base = 0; base < total; base += kChunk) {
+    const int64_t n = std::min(kChunk, total - base);
+    const uint32_t* kc = keys.data() + base;
+    uint32_t bucket[kChunk];
+    float e[kChunk];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      bucket[j] = radix_bucket(kc[j], level);
+      if (kByMass) e[j] = exp_f(key_value(kc[j]));
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (kByMass) {
+        s.mass_lanes[j % kLanes][bucket[j]] += static_cast<double>(e[j]);
+      } else {
+        s.count_lanes[j % kLanes][bucket[j]] += 1;
+      }
+    }
+  }
+  for (int b = 0; b < nb; ++b) {
+    s.mass[b] = 0.0;
+    s.count[b] = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      if (kByMass) s.mass[b] += s.mass_lanes[l][b];
+      if (!kByMass) s.count[b] += s.count_lanes[l][b];
+    }
+  }
 }
 
 // Walks the buckets from the largest z down to the first where the running count reaches
@@ -168,56 +224,17 @@ int radix_walk(int level, const Scratch& s, int64_t* need, double* before, float
   return -1;
 }
 
-// The z at which, walking the row's z >= floor from the largest down, the running count first
-// reaches k (kByMass false) or the running exp-mass first reaches top_p times the total
-// (kByMass true). -inf when the mass never reaches it (rounding; the reference then keeps the
-// whole set).
+// Over the candidates in s.keys, which must be the top of the row (every token with a larger z
+// is a candidate): the z at which, walking them from the largest down, the running count first
+// reaches `need` (kByMass false) or the running exp-mass, added to `before`, first reaches
+// `target` (kByMass true). -inf when it never does (rounding; the reference then keeps the whole
+// set). Consumes s.keys.
 template <bool kByMass>
-float radix_select(const float* z, int64_t V, float floor, int64_t k, float top_p, Scratch& s) {
-  int64_t need = k;
-  double before = 0.0;
-  // Level 0 over the whole row: each chunk's buckets and masses in vector form, then scattered.
-  std::fill(s.count, s.count + radix_buckets(0), 0u);
-  std::fill(s.mass, s.mass + radix_buckets(0), 0.0);
-  for (int64_t base = 0; base < V; base += kChunk) {
-    const int64_t n = std::min(kChunk, V - base);
-    const float* zc = z + base;
-    uint32_t bucket[kChunk];
-    float e[kChunk];
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      bucket[j] = radix_bucket(order_key(zc[j]), 0);
-      if (kByMass) e[j] = zc[j] >= floor ? exp_f(zc[j]) : 0.0f;  // below the floor: no mass
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      if (kByMass) {
-        s.mass[bucket[j]] += static_cast<double>(e[j]);
-      } else {
-        s.count[bucket[j]] += 1;  // count mode has no floor
-      }
-    }
-  }
-  float target = 0.0f;
-  if (kByMass) {
-    double total = 0.0;
-    for (int b = 0; b < radix_buckets(0); ++b) total += s.mass[b];
-    target = top_p_target(total, top_p);
-  }
-  int b = radix_walk<kByMass>(0, s, &need, &before, target);
-  if (b < 0) return -kInf;
-  uint32_t prefix = static_cast<uint32_t>(b) << radix_shift(0);
-
-  // Candidates of the chosen bucket; each deeper level keeps those of its chosen bucket.
-  s.keys.clear();
-  for (int64_t i = 0; i < V; ++i) {
-    const uint32_t key = order_key(z[i]);
-    if (z[i] >= floor && radix_bucket(key, 0) == static_cast<uint32_t>(b)) s.keys.push_back(key);
-  }
-  for (int level = 1; level < kRadixLevels; ++level) {
-    radix_histogram<kByMass>(level, s, [&](auto&& visit) {
-      for (uint32_t key : s.keys) visit(key, key_value(key));
-    });
-    b = radix_walk<kByMass>(level, s, &need, &before, target);
+float radix_select(Scratch& s, int64_t need, double before, float target) {
+  uint32_t prefix = 0;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    radix_histogram<kByMass>(level, s.keys, s);
+    const int b = radix_walk<kByMass>(level, s, &need, &before, target);
     if (b < 0) return -kInf;
     prefix |= static_cast<uint32_t>(b) << radix_shift(level);
     if (level + 1 < kRadixLevels) {
@@ -228,6 +245,35 @@ float radix_select(const float* z, int64_t V, float floor, int64_t k, float top_
     }
   }
   return key_value(prefix);
+}
+
+// top-k by radix select over the whole row (for k too large for the chunk bound).
+float top_k_by_radix(const float* z, int64_t V, int64_t k, Scratch& s) {
+  gather_keys(z, V, -kInf, s.keys);
+  return radix_select<false>(s, k, 0.0, 0.0f);
+}
+
+// top-p over the tokens with z >= floor (floor = tau_k): the reference's target is top_p times
+// the total mass, summed in double. Only tokens with z >= L can be in the kept set, for
+//   L = log((1 - top_p) * total / V):
+// the tokens below L hold less than V e^L <= (1 - top_p) total, so those above hold at least
+// the target. They are the only candidates of the radix select (L is lowered by 1e-3 against
+// rounding), which keeps it off the bulk of a peaked row.
+float top_p_by_radix(const float* z, int64_t V, float floor, float top_p, Scratch& s) {
+  double total = 0.0;
+  for (int64_t base = 0; base < V; base += kChunk) {
+    const int64_t n = std::min(kChunk, V - base);
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += z[base + j] >= floor ? static_cast<double>(exp_f(z[base + j])) : 0.0;
+    total += acc;
+  }
+  const float target = top_p_target(total, top_p);
+  const double bound = std::log((1.0 - static_cast<double>(top_p)) * total / static_cast<double>(V)) - 1e-3;
+  // Candidates below the bound would only add mass the walk never reaches; bound < floor is fine.
+  const float cut = bound > static_cast<double>(floor) ? static_cast<float>(bound) : floor;
+  gather_keys(z, V, cut, s.keys);
+  return radix_select<true>(s, 0, 0.0, target);
 }
 
 // top-k (and top-p within it) for k well below the number of chunks: the k-th largest chunk
@@ -273,8 +319,8 @@ float kept_threshold(const float* z, int64_t V, const Filter& f, Scratch& s) {
   if (f.top_k_on && f.top_k * 4 <= V / kChunk) {
     top_k_by_chunk_bound(z, V, f, s, &tau_k, &tau_p);
   } else {
-    if (f.top_k_on) tau_k = radix_select<false>(z, V, -kInf, f.top_k, 0.0f, s);
-    if (f.top_p_on) tau_p = radix_select<true>(z, V, tau_k, 0, f.top_p, s);
+    if (f.top_k_on) tau_k = top_k_by_radix(z, V, f.top_k, s);
+    if (f.top_p_on) tau_p = top_p_by_radix(z, V, tau_k, f.top_p, s);
   }
   return std::max(std::max(tau_k, tau_p), f.tau_m);
 }
@@ -346,8 +392,60 @@ struct GreedyScan {
   double mass;  // sum of exp(x - max)
 };
 
+#if defined(__AVX512F__)
+// The fp32 greedy scan in AVX-512: per span a checked max, then the span's exps added to a vector
+// accumulator that is rescaled (not reduced) when the max grows; one reduction per row.
+inline GreedyScan greedy_scan_f32(const float* x, int64_t V) {
+  constexpr int64_t kSpan = 1024;  // logits per online-softmax update, read again from L1
+  const __m512 vinf = _mm512_set1_ps(kInf);
+  __m512 vacc = _mm512_setzero_ps();
+  float m = -kInf;
+  int64_t arg_base = 0;
+  const int64_t vec_end = V & ~int64_t{15};
+  for (int64_t base = 0; base < vec_end; base += kSpan) {
+    const int64_t end = std::min(base + kSpan, vec_end);
+    __m512 vmax = _mm512_set1_ps(-kInf);
+    for (int64_t j = base; j < end; j += 16) {
+      const __m512 v = _mm512_loadu_ps(x + j);
+      vmax = _mm512_max_ps(vmax, _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vinf));
+    }
+    const float cm = _mm512_reduce_max_ps(vmax);
+    if (cm > m) {
+      if (m != -kInf) vacc = _mm512_mul_ps(vacc, _mm512_set1_ps(exp_f(m - cm)));
+      m = cm;
+      arg_base = base;  // the first maximum lies in the first span that reached it
+    }
+    if (max_is_bad(m)) continue;  // nothing finite yet, or a bad row
+    const __m512 vm = _mm512_set1_ps(m);
+    for (int64_t j = base; j < end; j += 16) vacc = _mm512_add_ps(vacc, exp16_mass(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+  }
+  // The tail (< 16 logits) in scalar code, folded in the same way.
+  float tm = -kInf;
+  for (int64_t j = vec_end; j < V; ++j) tm = checked_max(tm, x[j]);
+  if (tm > m) {
+    if (m != -kInf) vacc = _mm512_mul_ps(vacc, _mm512_set1_ps(exp_f(m - tm)));
+    m = tm;
+    arg_base = vec_end;
+  }
+  double mass = 0.0;
+  if (!max_is_bad(m)) {
+    mass = static_cast<double>(_mm512_reduce_add_ps(vacc));
+    for (int64_t j = vec_end; j < V; ++j) mass += static_cast<double>(exp_f(x[j] - m));
+  }
+  GreedyScan g{RowScan{m, max_is_bad(m)}, -1, mass};
+  if (!g.scan.bad) {
+    g.token = arg_base;
+    while (x[g.token] != m) ++g.token;
+  }
+  return g;
+}
+#endif
+
 template <int DT>
 GreedyScan greedy_scan(const void* row, int64_t V) {
+#if defined(__AVX512F__)
+  if constexpr (DT == kFloat32) return greedy_scan_f32(static_cast<const float*>(row), V);
+#endif
   constexpr int64_t kSpan = 256;  // logits per online-softmax update, read again from L1
   float m = -kInf;
   double mass = 0.0;
@@ -382,29 +480,92 @@ GreedyScan greedy_scan(const void* row, int64_t V) {
 
 // --- one position of one row -------------------------------------------------------------
 
-// The head on one hidden row after n tokens.
-float head_value(const DecodeStepArgs& a, const void* h, int32_t n, int32_t budget, Scratch& s) {
-  const int64_t d = a.d;
-  const int64_t w = d + 2;
-  s.hidden.resize(static_cast<size_t>(w));
-  for (int64_t i = 0; i < d; ++i) s.hidden[i] = load_as_float(h, i, a.hidden_dtype);
-  s.hidden[d] = feature_log1p(n);
-  s.hidden[d + 1] = feature_fraction(n, budget);
-  const float* x = s.hidden.data();
-  float v = 0.0f;
-  for (int64_t r = 0; r < a.R; ++r) {
-    float acc = 0.0f;
-    if (a.weight_dtype == kFloat32) {
-      const float* wr = static_cast<const float*>(a.w1) + r * w;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < w; ++i) acc += x[i] * wr[i];
-    } else {
-      const void* wr = static_cast<const uint16_t*>(a.w1) + r * w;
-      for (int64_t i = 0; i < w; ++i) acc += x[i] * load_as_float(wr, i, a.weight_dtype);
-    }
-    v += head_unit(a, r, acc);
+// --- the value head ----------------------------------------------------------------------
+
+constexpr int kHeadRows = 8;  // hidden rows per pass over the head's weights
+
+// <w, x_i> for up to kHeadRows float rows x_i of length n (rows past `rows` count are ignored).
+// The weights are most of the head's bytes, so each is loaded once for all the rows.
+inline void dot_rows(const float* w, const float* const* x, int rows, int64_t n, float* out) {
+#if defined(__AVX512F__)
+  // A dot product is compared within TOL, so it may use FMAs (the GPU sums in another order anyway).
+  // Eight named accumulators (an array of them ends up on the stack); missing rows repeat row 0.
+  static_assert(kHeadRows == 8, "dot_rows is written out for 8 rows");
+  const float *x0 = x[0], *x1 = x[rows > 1 ? 1 : 0], *x2 = x[rows > 2 ? 2 : 0], *x3 = x[rows > 3 ? 3 : 0];
+  const float *x4 = x[rows > 4 ? 4 : 0], *x5 = x[rows > 5 ? 5 : 0], *x6 = x[rows > 6 ? 6 : 0], *x7 = x[rows > 7 ? 7 : 0];
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + k);
+    a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + k), a0);
+    a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x1 + k), a1);
+    a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x2 + k), a2);
+    a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x3 + k), a3);
+    a4 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x4 + k), a4);
+    a5 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x5 + k), a5);
+    a6 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x6 + k), a6);
+    a7 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x7 + k), a7);
   }
-  return v + head_bias(a);
+  if (k < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(m, w + k);
+    a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x0 + k), a0);
+    a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x1 + k), a1);
+    a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x2 + k), a2);
+    a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x3 + k), a3);
+    a4 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x4 + k), a4);
+    a5 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x5 + k), a5);
+    a6 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x6 + k), a6);
+    a7 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x7 + k), a7);
+  }
+  const float all[kHeadRows] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                _mm512_reduce_add_ps(a3), _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
+                                _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
+  for (int i = 0; i < rows; ++i) out[i] = all[i];
+#else
+  for (int i = 0; i < rows; ++i) {
+    float acc = 0.0f;
+    const float* xi = x[i];
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < n; ++k) acc += w[k] * xi[k];
+    out[i] = acc;
+  }
+#endif
+}
+
+// The head's value for `count` hidden rows, row i after n[i] tokens with budget[i]; out[i].
+void head_values(const DecodeStepArgs& a, const void* const* hidden, const int32_t* n, const int32_t* budget,
+                 int count, float* out, Scratch& s) {
+  const int64_t d = a.d, w = d + 2;
+  s.hidden.resize(static_cast<size_t>((kHeadRows + 1) * w));
+  float* wrow = s.hidden.data() + kHeadRows * w;  // one weight row as float, for 16-bit heads
+  for (int i0 = 0; i0 < count; i0 += kHeadRows) {
+    const int rows = std::min(kHeadRows, count - i0);
+    const float* x[kHeadRows];
+    for (int i = 0; i < rows; ++i) {
+      float* xi = s.hidden.data() + i * w;
+      if (a.hidden_dtype == kFloat32) {
+        std::copy_n(static_cast<const float*>(hidden[i0 + i]), d, xi);
+      } else {
+        for (int64_t k = 0; k < d; ++k) xi[k] = load_as_float(hidden[i0 + i], k, a.hidden_dtype);
+      }
+      xi[d] = feature_log1p(n[i0 + i]);
+      xi[d + 1] = feature_fraction(n[i0 + i], budget[i0 + i]);
+      x[i] = xi;
+    }
+    float v[kHeadRows] = {}, pre[kHeadRows];
+    for (int64_t r = 0; r < a.R; ++r) {
+      const float* wr = static_cast<const float*>(a.w1) + r * w;
+      if (a.weight_dtype != kFloat32) {
+        const void* raw = static_cast<const uint16_t*>(a.w1) + r * w;
+        for (int64_t k = 0; k < w; ++k) wrow[k] = load_as_float(raw, k, a.weight_dtype);
+        wr = wrow;
+      }
+      dot_rows(wr, x, rows, w, pre);
+      for (int i = 0; i < rows; ++i) v[i] += head_unit(a, r, pre[i]);
+    }
+    for (int i = 0; i < rows; ++i) out[i0 + i] = v[i] + head_bias(a);
+  }
 }
 
 // Speculative sampling's token at a drafted position (see the verify_step reference): the draft
@@ -447,15 +608,15 @@ int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass,
 
 // Judges one position of one row as decode_step specifies, updating `s`: value, row check,
 // exits, then the token (forced, speculative, greedy or drawn) and its log-prob.
+// `value` is the head's value at this position (NaN without a head), from head_values.
 template <int DT>
-Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Position& pos) {
+Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Position& pos, float value) {
   Scratch& scr = scratch();
   const int64_t V = a.V;
   if (s.finish_reason != kNone) return Judged{-1, kNaN, kNaN};
   const bool greedy = r.temperature == 0.0f;
   const void* row = pos.logits;
 
-  const float value = pos.hidden != nullptr ? head_value(a, pos.hidden, s.num_generated, feature_budget(r), scr) : kNaN;
   GreedyScan g{RowScan{0.0f, true}, -1, 0.0};
   if (!pos.force_bad) g = greedy ? greedy_scan<DT>(row, V) : GreedyScan{scan_row<DT>(row, V), -1, 0.0};
   const StepPlan p = plan_step(r, s, g.scan.bad, value);
@@ -484,7 +645,7 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
   return Judged{p.emit ? token : -1, p.emit ? logprob : kNaN, value};
 }
 
-using JudgeFn = Judged (*)(const DecodeStepArgs&, const RowRequest&, RowState&, const Position&);
+using JudgeFn = Judged (*)(const DecodeStepArgs&, const RowRequest&, RowState&, const Position&, float);
 
 JudgeFn judge_for(int32_t logits_dtype) {
   if (logits_dtype == kFloat32) return judge<kFloat32>;

@@ -20,6 +20,18 @@ void verify_step_cpu(const VerifyStepArgs& v, int num_threads) {
     const int32_t len = v.draft_lens[b];
     int32_t emitted = 0, accepted = 0;
     bool in_run = s.finish_reason == kNone;
+    // Position j, if judged, comes after j emitted tokens: its head value can be computed first,
+    // all positions in one pass over the head's weights.
+    std::vector<float> values(static_cast<size_t>(v.K1), kNaN);
+    if (in_run && a.hidden != nullptr) {
+      std::vector<const void*> rows(static_cast<size_t>(v.K1));
+      std::vector<int32_t> n(static_cast<size_t>(v.K1)), budget(static_cast<size_t>(v.K1), feature_budget(r));
+      for (int64_t j = 0; j < v.K1; ++j) {
+        rows[j] = static_cast<const char*>(a.hidden) + (b * a.hidden_stride + j * v.hidden_pos_stride) * hsize;
+        n[j] = s.num_generated + static_cast<int32_t>(j);
+      }
+      head_values(a, rows.data(), n.data(), budget.data(), static_cast<int>(v.K1), values.data(), scratch());
+    }
     for (int64_t j = 0; j < v.K1; ++j) {
       const int64_t o = b * v.K1 + j;
       Judged out{-1, kNaN, kNaN};
@@ -27,14 +39,12 @@ void verify_step_cpu(const VerifyStepArgs& v, int num_threads) {
         const bool drafted = j < K && j < len;
         Position pos{};
         pos.logits = static_cast<const char*>(a.logits) + (b * a.logits_stride + j * v.logits_pos_stride) * lsize;
-        pos.hidden = a.hidden == nullptr ? nullptr
-                     : static_cast<const char*>(a.hidden) + (b * a.hidden_stride + j * v.hidden_pos_stride) * hsize;
         pos.force_bad = j == 0 && malformed;
         pos.spec.on = v.rejection && drafted && r.temperature > 0.0f;
         if (drafted) pos.spec.draft = v.draft_tokens[b * K + j];
         if (v.probs_dims == 3) pos.spec.q = static_cast<const char*>(v.draft_probs) + (b * K + j) * a.V * (v.probs_dtype == kFloat32 ? 4 : 2);
         pos.spec.q_dtype = v.probs_dtype;
-        out = judge_row(a, r, s, pos);
+        out = judge_row(a, r, s, pos, values[j]);
         const bool emit = out.token >= 0;
         const bool acc = emit && drafted && out.token == pos.spec.draft;
         emitted += emit;
