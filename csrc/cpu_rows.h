@@ -484,46 +484,24 @@ GreedyScan greedy_scan(const void* row, int64_t V) {
 
 constexpr int kHeadRows = 8;  // hidden rows per pass over the head's weights
 
-// <w, x_i> for up to kHeadRows float rows x_i of length n (rows past `rows` count are ignored).
-// The weights are most of the head's bytes, so each is loaded once for all the rows.
-inline void dot_rows(const float* w, const float* const* x, int rows, int64_t n, float* out) {
+// <w, x_i> for N float rows x_i of length n. The weights are most of the head's bytes, so each
+// is loaded once for all the rows; a dot product is compared within TOL, so it may use FMAs.
+template <int N>
+inline void dot_rows(const float* w, const float* const* x, int64_t n, float* out) {
 #if defined(__AVX512F__)
-  // A dot product is compared within TOL, so it may use FMAs (the GPU sums in another order anyway).
-  // Eight named accumulators (an array of them ends up on the stack); missing rows repeat row 0.
-  static_assert(kHeadRows == 8, "dot_rows is written out for 8 rows");
-  const float *x0 = x[0], *x1 = x[rows > 1 ? 1 : 0], *x2 = x[rows > 2 ? 2 : 0], *x3 = x[rows > 3 ? 3 : 0];
-  const float *x4 = x[rows > 4 ? 4 : 0], *x5 = x[rows > 5 ? 5 : 0], *x6 = x[rows > 6 ? 6 : 0], *x7 = x[rows > 7 ? 7 : 0];
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + k);
-    a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + k), a0);
-    a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x1 + k), a1);
-    a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x2 + k), a2);
-    a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x3 + k), a3);
-    a4 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x4 + k), a4);
-    a5 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x5 + k), a5);
-    a6 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x6 + k), a6);
-    a7 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x7 + k), a7);
-  }
-  if (k < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
+  __m512 acc[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1);
     const __m512 wv = _mm512_maskz_loadu_ps(m, w + k);
-    a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x0 + k), a0);
-    a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x1 + k), a1);
-    a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x2 + k), a2);
-    a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x3 + k), a3);
-    a4 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x4 + k), a4);
-    a5 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x5 + k), a5);
-    a6 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x6 + k), a6);
-    a7 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x7 + k), a7);
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x[i] + k), acc[i]);
   }
-  const float all[kHeadRows] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                                _mm512_reduce_add_ps(a3), _mm512_reduce_add_ps(a4), _mm512_reduce_add_ps(a5),
-                                _mm512_reduce_add_ps(a6), _mm512_reduce_add_ps(a7)};
-  for (int i = 0; i < rows; ++i) out[i] = all[i];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 #else
-  for (int i = 0; i < rows; ++i) {
+  for (int i = 0; i < N; ++i) {
     float acc = 0.0f;
     const float* xi = x[i];
 #pragma omp simd reduction(+ : acc)
@@ -531,6 +509,19 @@ inline void dot_rows(const float* w, const float* const* x, int rows, int64_t n,
     out[i] = acc;
   }
 #endif
+}
+
+inline void dot_rows(const float* w, const float* const* x, int rows, int64_t n, float* out) {
+  switch (rows) {
+    case 8: return dot_rows<8>(w, x, n, out);
+    case 7: return dot_rows<7>(w, x, n, out);
+    case 6: return dot_rows<6>(w, x, n, out);
+    case 5: return dot_rows<5>(w, x, n, out);
+    case 4: return dot_rows<4>(w, x, n, out);
+    case 3: return dot_rows<3>(w, x, n, out);
+    case 2: return dot_rows<2>(w, x, n, out);
+    default: return dot_rows<1>(w, x, n, out);
+  }
 }
 
 // The head's value for `count` hidden rows, row i after n[i] tokens with budget[i]; out[i].
