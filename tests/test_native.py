@@ -231,14 +231,22 @@ def test_non_contiguous_state_is_updated_in_place():
     assert not buf[:, 1::2].any()  # the gaps between the views' elements are untouched
 
 
-def test_custom_op_passes_opcheck_on_the_cpu_backend():
+def test_custom_ops_pass_opcheck_on_the_cpu_backend():
+    # Not the test_aot_dispatch_* utils: they re-run the op on the state its first run advanced,
+    # so outputs legitimately differ (tests/test_decode_step.py says the same).
     _cpu_module()
-    B, V, d = 4, 50, 6
+    B, K, V, d = 4, 2, 50, 6
     samp, exits = nv._mixed(V, seed=3)
     req = pack_requests(samp[:B], exits[:B], V)
     head = nv.make_head("mlp", d, torch.float32, torch.Generator().manual_seed(0))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     args = (torch.randn(B, V), torch.randn(B, d), *req.tensors(), *DecodeState.new(B).tensors(), *head, "cpu")
-    torch.library.opcheck(haltkit.ops._decode_step_op, args)
+    torch.library.opcheck(haltkit.ops._decode_step_op, args, test_utils=utils)
+    drafts, lens = torch.randint(0, V, (B, K)), torch.full((B,), K, dtype=torch.int32)
+    probs = torch.softmax(torch.randn(B, K, V), dim=2)
+    args = (torch.randn(B, K + 1, V), torch.randn(B, K + 1, d), drafts, lens, probs, *req.tensors(),
+            *DecodeState.new(B).tensors(), *head, "rejection", "cpu")
+    torch.library.opcheck(haltkit.speculative._verify_step_op, args, test_utils=utils)
 
 
 # --- hypothesis: multi-step scenarios ------------------------------------------------------------
