@@ -148,12 +148,17 @@ def bench_exits(toy, B: int, lambdas, seed: int, backend: str) -> list[dict]:
     rng = random.Random(seed + 1)
     problems = [ChainSum().sample(rng, 1 + b % 5, held_out=True) for b in range(B)]
     texts = [prompt_text(p) for p in problems]
-    rows = []
-    for lam in [None] + list(lambdas):
+
+    def run(lam):
         t0 = time.perf_counter()
         res = haltkit.generate(toy.target, prompts=texts, tokenizer=toy.tokenizer, value_head=toy.head,
                                exit=toy.exit_policy(cost_of_time=lam), backend=backend)
-        dt = time.perf_counter() - t0
+        return res, time.perf_counter() - t0
+
+    run(None)  # warm-up, not reported
+    rows = []
+    for lam in [None] + list(lambdas):
+        res, dt = run(lam)
         correct = [float(parse_answer(t) == p.answer) for t, p in zip(res.text, problems)]
         rows.append({"cost_of_time": lam, "tokens": res.total_tokens, "think_tokens": sum(res.think_tokens),
                      "accuracy": sum(correct) / B, "seconds": dt,
@@ -188,11 +193,13 @@ def markdown(meta: dict, rows: list[dict], exits: list[dict]) -> str:
                      f"{r['warmup_s']:.1f} ({r['compile_s']:.1f}) |")
     if exits:
         lines += ["", "## Value exits (held-out chain sums, toy exit policy, greedy)", "",
-                  "| lambda | tokens | saved | think tokens | value exits | accuracy |", "|---:|---:|---:|---:|---:|---:|"]
+                  "| lambda | tokens | saved | think tokens | value exits | accuracy | seconds | time vs off |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in exits:
             lam = "off" if r["cost_of_time"] is None else f"{r['cost_of_time']:g}"
             lines.append(f"| {lam} | {r['tokens']} | {r['tokens_saved']} ({100 * r['tokens_saved_frac']:.0f}%) | "
-                         f"{r['think_tokens']} | {r['value_exits']} | {r['accuracy']:.2f} |")
+                         f"{r['think_tokens']} | {r['value_exits']} | {r['accuracy']:.2f} | {r['seconds']:.2f} | "
+                         f"{r['seconds'] / exits[0]['seconds']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -295,6 +295,10 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
         prompt[b, : len(p)] = torch.tensor(p, device=dev)
     K = source.max_len if source is not None else 0
 
+    if compile:
+        from . import compiled
+
+        compile_mark = compiled.new_call()
     # Prefill (always eager): one forward over the right-padded prompts, then the first token.
     t0 = time.perf_counter()
     target = ModelRunner(model, B, capacity)
@@ -310,7 +314,7 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
                 out.values[:, None])
     sync()
     t_prefill = time.perf_counter() - t0
-    target_forwards, runners = 1, [target]
+    target_forwards = 1
     if source is not None:
         source.start(target, B, capacity, compile)
 
@@ -330,7 +334,6 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
         P_new = bucket_size(n_active) if compile else n_active
         if P_new != P or (compile and not target.compiled):
             batch, target = _compact(batch, target, source, out.active_idx, P_new, compile, B)
-            runners.append(target)
         pending = batch.seq.gather(1, batch.length[:, None])
         n_before = batch.state.num_generated.clone()
         if source is None:
@@ -365,7 +368,7 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     if bar is not None:
         bar.close()
     timings = {"prefill": t_prefill, "decode": t_decode,
-               "compile": sum(r.compile_seconds() for r in set(runners))}
+               "compile": compiled.compile_seconds_since(compile_mark) if compile else 0.0}
     return outs.result(target_forwards, getattr(source, "forwards", 0), timings)
 
 

@@ -322,9 +322,6 @@ class ModelRunner:
         self.batch = idx.shape[0]
         return self
 
-    def compile_seconds(self) -> float:
-        """Seconds spent compiling this runner's steps (0 for an eager runner)."""
-        return 0.0
 
 
 def logits_and_hidden(runner: ModelRunner, input_ids: torch.Tensor, positions: torch.Tensor):
