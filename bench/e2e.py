@@ -141,7 +141,7 @@ def bench_throughput(target, draft, tok, batch_sizes, new: int, repeats: int, co
     return rows
 
 
-def bench_exits(toy, B: int, lambdas, seed: int, backend: str) -> list[dict]:
+def bench_exits(toy, B: int, lambdas, seed: int, backend: str, budget: int) -> list[dict]:
     """Held-out reasoning prompts with the toy's exit policy: tokens and accuracy per lambda."""
     from haltkit.tasks import ChainSum, parse_answer, prompt_text
 
@@ -152,7 +152,7 @@ def bench_exits(toy, B: int, lambdas, seed: int, backend: str) -> list[dict]:
     def run(lam):
         t0 = time.perf_counter()
         res = haltkit.generate(toy.target, prompts=texts, tokenizer=toy.tokenizer, value_head=toy.head,
-                               exit=toy.exit_policy(cost_of_time=lam), backend=backend)
+                               exit=toy.exit_policy(cost_of_time=lam, thinking_budget=budget), backend=backend)
         return res, time.perf_counter() - t0
 
     run(None)  # warm-up, not reported
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         rows = bench_throughput(target, draft, tok, args.batch, args.new, args.repeats, not args.no_compile,
                                 args.backend, args.layers, args.K, args.seed)
     exits = bench_exits(toy, 2 if args.quick else 16, [0.01] if args.quick else [0.002, 0.005, 0.01, 0.02, 0.05],
-                        args.seed, args.backend) if shipped else []
+                        args.seed, args.backend, 16 if args.quick else 320) if shipped else []
     meta = {"machine": machine(), "shipped": shipped, "new_tokens": args.new, "repeats": args.repeats,
             "K": args.K, "layers": args.layers, "backend": args.backend, "compile": not args.no_compile,
             "batch_sizes": args.batch, "quick": args.quick}
