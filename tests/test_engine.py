@@ -208,7 +208,7 @@ def test_compaction_never_changes_a_sequence(rows, seed):
         assert together.think_end[b] == alone.think_end[0]
 
 
-def test_patience_resets_when_the_value_recovers():
+def test_patience_and_min_new_tokens_delay_the_value_exit():
     model = tiny("llama")
     budget = 12
     head = countdown_head(32, budget)
