@@ -22,9 +22,11 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// GCC 12's avx512fintrin.h leaves a dummy operand of _mm512_roundscale_ps and the reductions
-// uninitialised on purpose, and -Wmaybe-uninitialized reports it (GCC bug 105593).
+// GCC 12's avx512fintrin.h leaves the dummy operand of some intrinsics (roundscale, masked
+// loads, reductions) uninitialised on purpose, and -W(maybe-)uninitialized reports it (GCC bug
+// 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include "haltkit/decode_step.cuh"
@@ -72,6 +74,9 @@ inline float ld(const void* row, int64_t i) {
 // [-87, 0]; about a third of exp_f's instructions, which is what keeps greedy rows memory-bound.
 #if defined(__AVX512F__)
 inline __m512 exp16_mass(__m512 z) {
+  // Clamped below (NaN and -inf included: maxps returns its second operand then), so the
+  // reduction never sees -inf - -inf; exp(-104) is below every float.
+  z = _mm512_max_ps(z, _mm512_set1_ps(-104.0f));
   const __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(kLog2e));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 g = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945f));
@@ -393,49 +398,45 @@ struct GreedyScan {
 };
 
 #if defined(__AVX512F__)
-// The fp32 greedy scan in AVX-512: per span a checked max, then the span's exps added to a vector
-// accumulator that is rescaled (not reduced) when the max grows; one reduction per row.
+// The fp32 greedy scan in AVX-512, one streaming pass: every lane keeps its own running max, the
+// index where it first reached it, and its softmax mass relative to it, rescaled in the rare
+// vectors where some lane's max grows. The lanes are combined at the end.
 inline GreedyScan greedy_scan_f32(const float* x, int64_t V) {
-  constexpr int64_t kSpan = 1024;  // logits per online-softmax update, read again from L1
   const __m512 vinf = _mm512_set1_ps(kInf);
-  __m512 vacc = _mm512_setzero_ps();
-  float m = -kInf;
-  int64_t arg_base = 0;
+  __m512 vmax = _mm512_set1_ps(-kInf), vacc = _mm512_setzero_ps();
+  __m512i varg = _mm512_setzero_si512();  // vector index j of each lane's first maximum
   const int64_t vec_end = V & ~int64_t{15};
-  for (int64_t base = 0; base < vec_end; base += kSpan) {
-    const int64_t end = std::min(base + kSpan, vec_end);
-    __m512 vmax = _mm512_set1_ps(-kInf);
-    for (int64_t j = base; j < end; j += 16) {
-      const __m512 v = _mm512_loadu_ps(x + j);
-      vmax = _mm512_max_ps(vmax, _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vinf));
+  for (int64_t j = 0; j < vec_end; j += 16) {
+    __m512 v = _mm512_loadu_ps(x + j);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vinf);  // NaN counts as +inf
+    const __mmask16 up = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+    if (up) {
+      const __m512 grown = _mm512_max_ps(vmax, v);
+      vacc = _mm512_mask_mul_ps(vacc, up, vacc, exp16_mass(_mm512_sub_ps(vmax, grown)));
+      vmax = grown;
+      varg = _mm512_mask_mov_epi32(varg, up, _mm512_set1_epi32(static_cast<int>(j)));
     }
-    const float cm = _mm512_reduce_max_ps(vmax);
-    if (cm > m) {
-      if (m != -kInf) vacc = _mm512_mul_ps(vacc, _mm512_set1_ps(exp_f(m - cm)));
-      m = cm;
-      arg_base = base;  // the first maximum lies in the first span that reached it
-    }
-    if (max_is_bad(m)) continue;  // nothing finite yet, or a bad row
-    const __m512 vm = _mm512_set1_ps(m);
-    for (int64_t j = base; j < end; j += 16) vacc = _mm512_add_ps(vacc, exp16_mass(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+    vacc = _mm512_add_ps(vacc, exp16_mass(_mm512_sub_ps(v, vmax)));
   }
-  // The tail (< 16 logits) in scalar code, folded in the same way.
-  float tm = -kInf;
-  for (int64_t j = vec_end; j < V; ++j) tm = checked_max(tm, x[j]);
-  if (tm > m) {
-    if (m != -kInf) vacc = _mm512_mul_ps(vacc, _mm512_set1_ps(exp_f(m - tm)));
-    m = tm;
-    arg_base = vec_end;
+  alignas(64) float lmax[16], lacc[16];
+  alignas(64) int32_t larg[16];
+  _mm512_store_ps(lmax, vmax);
+  _mm512_store_ps(lacc, vacc);
+  _mm512_store_si512(larg, varg);
+  float m = -kInf;
+  for (int l = 0; l < 16; ++l) m = checked_max(m, lmax[l]);
+  for (int64_t j = vec_end; j < V; ++j) m = checked_max(m, x[j]);
+  GreedyScan g{RowScan{m, max_is_bad(m)}, -1, 0.0};
+  if (g.scan.bad) return g;
+  for (int l = 0; l < 16; ++l) {
+    if (lmax[l] == -kInf) continue;
+    g.mass += static_cast<double>(lacc[l]) * static_cast<double>(exp_f(lmax[l] - m));
+    const int64_t i = static_cast<int64_t>(larg[l]) + l;
+    if (lmax[l] == m && (g.token < 0 || i < g.token)) g.token = i;
   }
-  double mass = 0.0;
-  if (!max_is_bad(m)) {
-    mass = static_cast<double>(_mm512_reduce_add_ps(vacc));
-    for (int64_t j = vec_end; j < V; ++j) mass += static_cast<double>(exp_f(x[j] - m));
-  }
-  GreedyScan g{RowScan{m, max_is_bad(m)}, -1, mass};
-  if (!g.scan.bad) {
-    g.token = arg_base;
-    while (x[g.token] != m) ++g.token;
+  for (int64_t j = vec_end; j < V; ++j) {
+    g.mass += static_cast<double>(exp_f(x[j] - m));
+    if (x[j] == m && g.token < 0) g.token = j;
   }
   return g;
 }
@@ -482,80 +483,103 @@ GreedyScan greedy_scan(const void* row, int64_t V) {
 
 // --- the value head ----------------------------------------------------------------------
 
-constexpr int kHeadRows = 8;  // hidden rows per pass over the head's weights
-
-// <w, x_i> for N float rows x_i of length n. The weights are most of the head's bytes, so each
-// is loaded once for all the rows; a dot product is compared within TOL, so it may use FMAs.
-template <int N>
-inline void dot_rows(const float* w, const float* const* x, int64_t n, float* out) {
+// out[i * U + u] = <x_i, w_u> for R rows x_i = x + i * xs and U weight rows w_u = w + u * ws, all
+// of length n: R * U accumulators in registers, R + U loads per R * U FMAs, each operand read
+// once per block. A dot product is compared within TOL, so it may use FMAs. Not inlined, so
+// the caller's live values do not crowd the loop's registers.
+template <int R, int U>
+__attribute__((noinline)) void dot_block(const float* x, int64_t xs, const float* w, int64_t ws, int64_t n,
+                                         float* out) {
 #if defined(__AVX512F__)
-  __m512 acc[N];
-#pragma GCC unroll 8
-  for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = n - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - k)) - 1);
-    const __m512 wv = _mm512_maskz_loadu_ps(m, w + k);
-#pragma GCC unroll 8
-    for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x[i] + k), acc[i]);
+  __m512 acc[R][U];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * U; ++i) acc[i / U][i % U] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {  // unmasked body: a masked tail would cost every iteration
+    __m512 wv[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) wv[u] = _mm512_loadu_ps(w + u * ws + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * xs + k);
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm512_fmadd_ps(xv, wv[u], acc[i][u]);
+    }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < N; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  if (k < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
+    for (int i = 0; i < R; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + i * xs + k);
+      for (int u = 0; u < U; ++u) acc[i][u] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, w + u * ws + k), acc[i][u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * U; ++i) out[i] = _mm512_reduce_add_ps(acc[i / U][i % U]);
 #else
-  for (int i = 0; i < N; ++i) {
-    float acc = 0.0f;
-    const float* xi = x[i];
+  for (int i = 0; i < R; ++i) {
+    for (int u = 0; u < U; ++u) {
+      float acc = 0.0f;
+      const float *xi = x + i * xs, *wu = w + u * ws;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < n; ++k) acc += w[k] * xi[k];
-    out[i] = acc;
+      for (int64_t k = 0; k < n; ++k) acc += xi[k] * wu[k];
+      out[i * U + u] = acc;
+    }
   }
 #endif
 }
 
-inline void dot_rows(const float* w, const float* const* x, int rows, int64_t n, float* out) {
-  switch (rows) {
-    case 8: return dot_rows<8>(w, x, n, out);
-    case 7: return dot_rows<7>(w, x, n, out);
-    case 6: return dot_rows<6>(w, x, n, out);
-    case 5: return dot_rows<5>(w, x, n, out);
-    case 4: return dot_rows<4>(w, x, n, out);
-    case 3: return dot_rows<3>(w, x, n, out);
-    case 2: return dot_rows<2>(w, x, n, out);
-    default: return dot_rows<1>(w, x, n, out);
-  }
-}
+constexpr int kHeadRows = 8;  // hidden rows per call of head_values from the launchers
 
 // The head's value for `count` hidden rows, row i after n[i] tokens with budget[i]; out[i].
 void head_values(const DecodeStepArgs& a, const void* const* hidden, const int32_t* n, const int32_t* budget,
                  int count, float* out, Scratch& s) {
-  const int64_t d = a.d, w = d + 2;
-  s.hidden.resize(static_cast<size_t>((kHeadRows + 1) * w));
-  float* wrow = s.hidden.data() + kHeadRows * w;  // one weight row as float, for 16-bit heads
-  for (int i0 = 0; i0 < count; i0 += kHeadRows) {
-    const int rows = std::min(kHeadRows, count - i0);
-    const float* x[kHeadRows];
-    for (int i = 0; i < rows; ++i) {
-      float* xi = s.hidden.data() + i * w;
-      if (a.hidden_dtype == kFloat32) {
-        std::copy_n(static_cast<const float*>(hidden[i0 + i]), d, xi);
-      } else {
-        for (int64_t k = 0; k < d; ++k) xi[k] = load_as_float(hidden[i0 + i], k, a.hidden_dtype);
-      }
-      xi[d] = feature_log1p(n[i0 + i]);
-      xi[d + 1] = feature_fraction(n[i0 + i], budget[i0 + i]);
-      x[i] = xi;
+  const int64_t d = a.d, w = d + 2, R = a.R;
+  // Rows 64 bytes off a multiple of 4 KiB apart: rows exactly 4 KiB-periodic (d = 4096 makes
+  // them so) fall in the same L1 sets and evict each other.
+  const int64_t xs = (w + 15) / 16 * 16 + 16;
+  const bool f32 = a.weight_dtype == kFloat32;
+  s.hidden.resize(static_cast<size_t>(count * xs + count * R + (f32 ? 0 : R * w)));
+  float* x = s.hidden.data();
+  float* pre = x + count * xs;  // [count][R] pre-activations
+  const float* w1 = static_cast<const float*>(a.w1);
+  if (!f32) {  // 16-bit weights: once to float
+    float* wf = pre + count * R;
+    for (int64_t k = 0; k < R * w; ++k) wf[k] = load_as_float(a.w1, k, a.weight_dtype);
+    w1 = wf;
+  }
+  for (int i = 0; i < count; ++i) {
+    float* xi = x + i * xs;
+    if (a.hidden_dtype == kFloat32) {
+      std::copy_n(static_cast<const float*>(hidden[i]), d, xi);
+    } else {
+      for (int64_t k = 0; k < d; ++k) xi[k] = load_as_float(hidden[i], k, a.hidden_dtype);
     }
-    float v[kHeadRows] = {}, pre[kHeadRows];
-    for (int64_t r = 0; r < a.R; ++r) {
-      const float* wr = static_cast<const float*>(a.w1) + r * w;
-      if (a.weight_dtype != kFloat32) {
-        const void* raw = static_cast<const uint16_t*>(a.w1) + r * w;
-        for (int64_t k = 0; k < w; ++k) wrow[k] = load_as_float(raw, k, a.weight_dtype);
-        wr = wrow;
-      }
-      dot_rows(wr, x, rows, w, pre);
-      for (int i = 0; i < rows; ++i) v[i] += head_unit(a, r, pre[i]);
+    xi[d] = feature_log1p(n[i]);
+    xi[d + 1] = feature_fraction(n[i], budget[i]);
+  }
+  for (int i0 = 0; i0 < count;) {
+    const int rb = count - i0 >= 4 ? 4 : (count - i0 >= 2 ? 2 : 1);
+    for (int64_t r0 = 0; r0 < R;) {
+      float part[16];
+      const int ub = R - r0 >= 4 ? 4 : 1;
+      const float* xb = x + i0 * xs;
+      const float* wb = w1 + r0 * w;
+      if (rb == 4 && ub == 4) dot_block<4, 4>(xb, xs, wb, w, w, part);
+      if (rb == 2 && ub == 4) dot_block<2, 4>(xb, xs, wb, w, w, part);
+      if (rb == 1 && ub == 4) dot_block<1, 4>(xb, xs, wb, w, w, part);
+      if (rb == 4 && ub == 1) dot_block<4, 1>(xb, xs, wb, w, w, part);
+      if (rb == 2 && ub == 1) dot_block<2, 1>(xb, xs, wb, w, w, part);
+      if (rb == 1 && ub == 1) dot_block<1, 1>(xb, xs, wb, w, w, part);
+      for (int i = 0; i < rb; ++i)
+        for (int u = 0; u < ub; ++u) pre[(i0 + i) * R + r0 + u] = part[i * ub + u];
+      r0 += ub;
     }
-    for (int i = 0; i < rows; ++i) out[i0 + i] = v[i] + head_bias(a);
+    i0 += rb;
+  }
+  for (int i = 0; i < count; ++i) {
+    float v = 0.0f;
+    for (int64_t r = 0; r < R; ++r) v += head_unit(a, r, pre[i * R + r]);
+    out[i] = v + head_bias(a);
   }
 }
 

@@ -1,0 +1,110 @@
+"""The native CPU backend at the point issue 5 sets its targets: B = 64, V = 151936, fp32 logits.
+
+Contenders, timed interleaved with ``bench/decode_step.py``'s harness and inputs (same eager chain,
+same compiled reference, same value head and requests): ``eager`` (the baseline of every ratio),
+``compiled`` (torch.compile of the reference) and ``cpu``, in the modes greedy, top_p and top_k
+(the last is not in decode_step.py's grid). Floors measured in the same run:
+
+* ``floor_us``: decode_step.py's memory floor (every byte that must move, at copy bandwidth);
+* ``read_floor_us``: the issue's greedy floor, logits bytes over single-pass read bandwidth
+  (a reduction over a 256 MiB buffer).
+
+Targets (issue 5): top_p and top_k >= 10x eager and faster than compiled; greedy <= 1.5x the read
+floor. Writes ``bench/results/decode_step_cpu_targets.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import decode_step as bench
+from common import copy_bandwidth, machine_info, time_interleaved, write_results
+from haltkit.reference.decode_step import decode_step as reference_decode_step
+
+MODES = {**bench.MODES, "top_k": dict(temperature=0.8, top_k=50)}
+B, V = 64, 151936
+
+
+def read_bandwidth(mib: int = 256) -> float:
+    """Bytes read per second by a single pass over a buffer (median of 10 sums after warm-up)."""
+    src = torch.ones((mib << 20) // 4, dtype=torch.float32)
+    runs = []
+    for _ in range(12):
+        t0 = time.perf_counter()
+        src.sum()
+        runs.append(time.perf_counter() - t0)
+    return src.numel() * 4 / statistics.median(runs[2:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the cpu backend uses as many)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per mode, after 3 runs")
+    ap.add_argument("--out", type=Path, default=bench.RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = torch.device("cpu")
+    bench.MODES.update(MODES)  # make_inputs reads its modes from there
+    copy_bw, read_bw = copy_bandwidth(dev), read_bandwidth()
+    compiled = torch.compile(reference_decode_step, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for mode in MODES:
+        inp = bench.make_inputs(mode, B, V, torch.float32, dev, gen)
+        states = {name: inp.state0.clone() for name in ("eager", "compiled", "cpu")}
+
+        def restore(name: str) -> None:
+            for dst, src in zip(states[name].tensors(), inp.state0.tensors()):
+                dst.copy_(src)
+
+        t0 = time.perf_counter()
+        times = time_interleaved(bench.contenders(inp, states, compiled, ["cpu"]), dev, 1, args.reps, args.budget,
+                                 before_each=restore)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        floor_us = inp.floor_bytes() / copy_bw * 1e6
+        read_floor_us = inp.logits.numel() * inp.logits.element_size() / read_bw * 1e6
+        rows.append({"mode": mode, "median_us": med, "times_us": times, "floor_us": floor_us,
+                     "read_floor_us": read_floor_us,
+                     "speedup_vs_eager": {n: med["eager"] / m for n, m in med.items()},
+                     "cpu_vs_compiled": med["compiled"] / med["cpu"],
+                     "cpu_over_floor": med["cpu"] / floor_us, "cpu_over_read_floor": med["cpu"] / read_floor_us})
+        print(f"{mode:6s} " + " ".join(f"{n}={m / 1e3:9.2f}ms" for n, m in med.items())
+              + f"  floor={floor_us / 1e3:.2f}ms read_floor={read_floor_us / 1e3:.2f}ms"
+              + f"  ({len(times['cpu'])} reps, {time.perf_counter() - t0:.0f}s)", flush=True)
+    res = {"machine": machine_info(dev), "B": B, "V": V, "dtype": "fp32", "modes": MODES,
+           "copy_bandwidth_GBps": copy_bw / 1e9, "read_bandwidth_GBps": read_bw / 1e9,
+           "d_model": bench.D_MODEL, "head_width": bench.HEAD_WIDTH, "rows": rows}
+    m = res["machine"]
+    lines = [
+        "# decode_step: native CPU backend at the issue-5 target point",
+        "",
+        f"B = {B}, V = {V}, fp32 logits; {m['processor'] or 'cpu'} ({m['cpus']} cpus), torch {m['torch']}, "
+        f"{m['torch_threads']} thread(s) for every contender, load average {m['load_average'][0]:.1f} at the end. "
+        f"Copy bandwidth {copy_bw / 1e9:.1f} GB/s, read bandwidth {read_bw / 1e9:.1f} GB/s, both measured in the run. "
+        "Median ms after warm-up, contenders interleaved; eager = bench/eager.py's chain, compiled = "
+        "torch.compile of the reference. Value head: MLP d = 4096, width 64.",
+        "",
+        "| mode | eager ms | compiled ms | cpu ms | cpu vs eager | cpu vs compiled | cpu / floor | cpu / read floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        med = r["median_us"]
+        lines.append(f"| {r['mode']} | {med['eager'] / 1e3:.1f} | {med['compiled'] / 1e3:.1f} | {med['cpu'] / 1e3:.2f} | "
+                     f"{r['speedup_vs_eager']['cpu']:.1f}x | {r['cpu_vs_compiled']:.1f}x | {r['cpu_over_floor']:.2f} | "
+                     f"{r['cpu_over_read_floor']:.2f} |")
+    lines += ["", "floor = decode_step.py's (all bytes that must move, at copy bandwidth); read floor = logits "
+              "bytes at read bandwidth (the issue's greedy target: <= 1.5)."]
+    js, md = write_results(args.out, "decode_step_cpu_targets", res, "\n".join(lines) + "\n")
+    print(f"wrote {js} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
