@@ -45,6 +45,18 @@ class CMakeBuild(build_ext):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built[0], dest)
 
+    def copy_extensions_to_source(self) -> None:
+        # Editable installs copy each module into python/haltkit: replace it atomically, so a
+        # process that has the old one loaded keeps a valid mapping instead of a truncated file.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace, regular = self._get_inplace_equivalent(build_py, ext)
+            if os.path.exists(regular):
+                shutil.copyfile(regular, inplace + ".tmp")
+                os.replace(inplace + ".tmp", inplace)
+            elif not ext.optional:
+                raise RuntimeError(f"{ext.name} was not built")
+
     def _cmake_build(self) -> Path:
         if getattr(self, "_cmake_out", None) is not None:
             return self._cmake_out
