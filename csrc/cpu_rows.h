@@ -330,6 +330,21 @@ float kept_threshold(const float* z, int64_t V, const Filter& f, Scratch& s) {
   return std::max(std::max(tau_k, tau_p), f.tau_m);
 }
 
+// The Philox words of the chunk of tokens starting at `base` (a multiple of kChunk), 16 blocks
+// in vector form.
+inline void chunk_words(uint64_t seed, uint32_t step, uint32_t stream, int64_t base, uint32_t* words) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t block0 = static_cast<uint32_t>(base >> 2);
+#pragma omp simd
+  for (int j = 0; j < static_cast<int>(kChunk / 4); ++j) {
+    const PhiloxWords w = philox4x32_10(block0 + j, step, stream, 0u, k0, k1);
+    words[4 * j] = w.w[0];
+    words[4 * j + 1] = w.w[1];
+    words[4 * j + 2] = w.w[2];
+    words[4 * j + 3] = w.w[3];
+  }
+}
+
 // --- the draw -----------------------------------------------------------------------------
 
 struct Draw {
@@ -346,7 +361,6 @@ Draw mass_and_draw(const float* z, int64_t V, float tau, bool draw, uint64_t see
   constexpr float kGumbelSlack = 1e-3f;
   Draw d{-1, 0.0};
   float best = -kInf;
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int64_t base = 0; base < V; base += kChunk) {
     const int64_t n = std::min(kChunk, V - base);
     const float* zc = z + base;
@@ -358,15 +372,7 @@ Draw mass_and_draw(const float* z, int64_t V, float tau, bool draw, uint64_t see
     if (!draw || cmax + kGumbelMax < best) continue;
 
     uint32_t words[kChunk];
-    const uint32_t block0 = static_cast<uint32_t>(base >> 2);
-#pragma omp simd
-    for (int j = 0; j < static_cast<int>(kChunk / 4); ++j) {
-      const PhiloxWords w = philox4x32_10(block0 + j, step, kStreamToken, 0u, k0, k1);
-      words[4 * j] = w.w[0];
-      words[4 * j + 1] = w.w[1];
-      words[4 * j + 2] = w.w[2];
-      words[4 * j + 3] = w.w[3];
-    }
+    chunk_words(seed, step, kStreamToken, base, words);
     uint32_t wmax = 0;
 #pragma omp simd reduction(max : wmax)
     for (int64_t j = 0; j < n; ++j) wmax = words[j] > wmax ? words[j] : wmax;
@@ -592,17 +598,13 @@ int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass,
   const float qx = sd.q != nullptr ? load_as_float(sd.q, sd.draft, sd.q_dtype) : 1.0f;
   const float u = uniform_from_word(philox_word(seed, step, kStreamAccept, 0));
   if (u * qx < p_of(sd.draft)) return sd.draft;
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (const bool residual : {true, false}) {
     float best = -kInf;
     int64_t token = -1;
     for (int64_t base = 0; base < V; base += kChunk) {
       const int64_t n = std::min(kChunk, V - base);
       uint32_t words[kChunk];
-      for (int j = 0; j < static_cast<int>(kChunk / 4); ++j) {
-        const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(base >> 2) + j, step, kStreamResidual, 0u, k0, k1);
-        for (int c = 0; c < 4; ++c) words[4 * j + c] = w.w[c];
-      }
+      chunk_words(seed, step, kStreamResidual, base, words);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = base + j;
         const float p = p_of(i);

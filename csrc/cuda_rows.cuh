@@ -134,7 +134,7 @@ __device__ float block_head_value(const DecodeStepArgs& a, const void* h, int32_
 
 // --- radix select ----------------------------------------------------------------------------
 
-// Walks a level's buckets from the largest z down (see radix_walk in decode_step_cpu.cpp): each
+// Walks a level's buckets from the largest z down (see radix_walk in cpu_rows.h): each
 // thread owns consecutive buckets, an exclusive scan gives what lies above them, and the lowest
 // bucket meeting the goal wins. Returns it (or -1) and updates need / before for every thread.
 __device__ int block_walk(int level, bool by_mass, int64_t* need, double* before, float target, Shared& sh) {
@@ -401,6 +401,13 @@ void check(cudaError_t e, const char* what) {
     cudaGetLastError();  // clear a sticky launch error so the caller can go on
     throw std::runtime_error(std::string("haltkit._C: ") + what + ": " + cudaGetErrorString(e));
   }
+}
+
+// After a row kernel on `st`: checks its launch, then compacts the batch (in stream order).
+void compact_after(const char* kernel, const DecodeStepArgs& a, cudaStream_t st) {
+  check(cudaGetLastError(), kernel);
+  compact_rows<<<1, kCompactThreads, 0, st>>>(a.finish_reason, a.B, a.active_idx, a.num_active);
+  check(cudaGetLastError(), "compact_rows launch");
 }
 
 // Throws a RuntimeError-bound exception when no device can run a kernel (no driver, no GPU).

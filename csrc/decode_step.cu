@@ -30,9 +30,7 @@ void decode_step_cuda(const DecodeStepArgs& a, void* stream) {
   if (a.B > INT32_MAX) throw std::invalid_argument("haltkit._C: B must be < 2^31");
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   decode_step_rows<<<static_cast<unsigned>(a.B), kThreads, 0, st>>>(a);
-  check(cudaGetLastError(), "decode_step_rows launch");
-  compact_rows<<<1, kCompactThreads, 0, st>>>(a.finish_reason, a.B, a.active_idx, a.num_active);
-  check(cudaGetLastError(), "compact_rows launch");
+  compact_after("decode_step_rows launch", a, st);
 }
 
 }  // namespace hk
