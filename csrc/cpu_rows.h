@@ -91,22 +91,6 @@ inline __m512 exp16_mass(__m512 z) {
 }
 #endif
 
-// sum of exp((x_j - m) * s) over j < n (s = 1 / t: masses need no exact z).
-inline float mass_sum(const float* x, int64_t n, float m, float s) {
-  float acc = 0.0f;
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  __m512 vacc = _mm512_setzero_ps();
-  const __m512 vm = _mm512_set1_ps(m), vs = _mm512_set1_ps(s);
-  for (; j + 16 <= n; j += 16)
-    vacc = _mm512_add_ps(vacc, exp16_mass(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), vs)));
-  acc = _mm512_reduce_add_ps(vacc);
-#endif
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = j; i < n; ++i) acc += exp_f((x[i] - m) * s);
-  return acc;
-}
-
 // sum of exp(z_j) over j < n with z_j >= tau.
 inline float kept_mass_sum(const float* z, int64_t n, float tau) {
   float acc = 0.0f;
@@ -468,14 +452,10 @@ GreedyScan greedy_scan(const void* row, int64_t V) {
       arg_base = base;  // the first maximum lies in the first span that reached it
     }
     if (max_is_bad(m)) continue;  // nothing finite yet, or a bad row
-    if constexpr (DT == kFloat32) {
-      mass += mass_sum(static_cast<const float*>(row) + base, n, m, 1.0f);
-    } else {
-      float acc = 0.0f;
+    float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < n; ++j) acc += exp_f(ld<DT>(row, base + j) - m);
-      mass += acc;
-    }
+    for (int64_t j = 0; j < n; ++j) acc += exp_f(ld<DT>(row, base + j) - m);
+    mass += acc;
   }
   GreedyScan g{RowScan{m, max_is_bad(m)}, -1, mass};
   if (!g.scan.bad) {
@@ -484,8 +464,6 @@ GreedyScan greedy_scan(const void* row, int64_t V) {
   }
   return g;
 }
-
-// --- one position of one row -------------------------------------------------------------
 
 // --- the value head ----------------------------------------------------------------------
 
@@ -588,6 +566,8 @@ void head_values(const DecodeStepArgs& a, const void* const* hidden, const int32
     out[i] = v + head_bias(a);
   }
 }
+
+// --- one position of one row -------------------------------------------------------------
 
 // Speculative sampling's token at a drafted position (see the verify_step reference): the draft
 // when u * q(x) < p(x), else the Gumbel-max draw over the residual max(0, p - q) (p itself when
