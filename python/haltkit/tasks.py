@@ -2,9 +2,9 @@
 
 A task turns a :class:`Problem` into text the toy models read and write::
 
-    prompt:  Q:47+385+9<think>
-    think:   47+385=432, 432+9=441. so 441. check: 9+385=394, 394+47=441. ok.
-    answer:  </think>A:441<eos>
+    prompt:  Q:4+8+5+9<think>
+    think:   4+8=12, 12+5=17, 17+9=26. so 26. check: 9+5=14, 14+8=22, 22+4=26. ok.
+    answer:  </think>A:26<eos>
 
 The think phase works the problem (running partial sums in ordinary digit order), usually
 states the answer before it ends and then re-checks it with the terms in another order, in
@@ -44,13 +44,16 @@ __all__ = [
     "parse_answer",
 ]
 
-#: Difficulty level -> (number of terms (lo, hi), largest term).
+#: Difficulty level -> (number of terms (lo, hi), largest term). Difficulty grows with the
+#: number of terms, so the work (and the think phase) grows with it; the terms are digits and
+#: the partial sums reach two digits, which a ~1M-parameter model learns within its 30-minute
+#: CPU budget (three-digit terms it did not: it still miscopied operands after 15M tokens).
 DIFFICULTIES: dict[int, tuple[tuple[int, int], int]] = {
-    1: ((2, 2), 99),
-    2: ((3, 3), 99),
-    3: ((4, 4), 999),
-    4: ((5, 6), 999),
-    5: ((7, 8), 999),
+    1: ((2, 2), 9),
+    2: ((3, 4), 9),
+    3: ((5, 6), 9),
+    4: ((7, 8), 9),
+    5: ((9, 10), 9),
 }
 
 
@@ -130,7 +133,7 @@ class _TraceWriter:
 
 
 class ChainSum:
-    """Sums of 2 to 8 terms worked as running partial sums; difficulty grows with terms and digits.
+    """Sums of 2 to 10 digits worked as running partial sums; difficulty grows with the terms.
 
     Args:
         check_prob: probability that a trace re-checks its answer. Default 0.85.
