@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     # The operating point: fewest tokens at (a)'s accuracy within one point.
     ok = [p for p in e if p["accuracy"] >= a["accuracy"] - 0.01]
     star = min(ok, key=lambda p: p["tokens"])
+    best_e = max(e, key=lambda p: (p["accuracy"], -p["tokens"]))  # the head's most accurate setting
     save_e, save_o = a["think"] - star["think"], a["think"] - o["think"]
     dominated = {name: [frontier_cost(e, p["accuracy"]) <= p["tokens"] + 1e-9 for p in pts]
                  for name, pts in (("b", b), ("c", c), ("d", d))}
@@ -253,11 +254,15 @@ def main(argv=None) -> int:
         fits = [p for p in pts if p["think"] <= tr["think"] + 1e-9]
         best = max(fits, key=lambda p: (p["accuracy"], -p["think"])) if fits else None
         same_cap = [p for p in pts if p["cap"] == target and p["cost_of_time"] == star["cost_of_time"]]
+        capped = [p for p in pts if p["cap"] == target]
+        capped_best = max(capped, key=lambda p: (p["accuracy"], -p["think"])) if capped else None
         budget_rows.append({
             "budget": target, "truncation": {k: tr[k] for k in ("accuracy", "think")},
             "head_best_within_mean_budget": None if best is None else
                 {k: best[k] for k in ("accuracy", "think", "cost_of_time", "cap")},
             "head_cap_equal_budget_at_star": None if not same_cap else {k: same_cap[0][k] for k in ("accuracy", "think")},
+            "head_cap_equal_budget_best": None if capped_best is None else
+                {k: capped_best[k] for k in ("accuracy", "think", "cost_of_time")},
         })
 
     acc = draft_acceptance(rs, toy)
@@ -283,7 +288,9 @@ def main(argv=None) -> int:
                     "dominated_points": {k: f"{sum(v)}/{len(v)}" for k, v in dominated.items()},
                     "undominated": {k: [strip(p) for p, dom in zip(pts, dominated[k]) if not dom]
                                     for k, pts in (("b", b), ("c", c), ("d", d))}},
-        "per_difficulty": {"a": per_difficulty(rs, a), "o": per_difficulty(rs, o), "e": per_difficulty(rs, star)},
+        "most_accurate_e": strip(best_e),
+        "per_difficulty": {"a": per_difficulty(rs, a), "o": per_difficulty(rs, o), "e": per_difficulty(rs, star),
+                           "e_best": per_difficulty(rs, best_e)},
         "budget_conditioning": budget_rows,
         "draft_acceptance": acc,
         "live_check": live,
@@ -332,19 +339,27 @@ def markdown(r: dict) -> str:
     for p in r["e"]:
         row(p, f"lambda {p['cost_of_time']}, patience {p['patience']}")
     L += ["", "## Per difficulty (accuracy / mean think tokens)", "",
-          "| level | n | (a) no exit | (o) oracle | (e) operating point |", "|---|---|---|---|---|"]
+          f"| level | n | (a) no exit | (o) oracle | (e) operating point | (e) most accurate (lambda "
+          f"{r['most_accurate_e']['cost_of_time']}, patience {r['most_accurate_e']['patience']}) |",
+          "|---|---|---|---|---|---|"]
     for lvl, pa in r["per_difficulty"]["a"].items():
-        po, pe = r["per_difficulty"]["o"][lvl], r["per_difficulty"]["e"][lvl]
+        po, pe, pb = (r["per_difficulty"][k][lvl] for k in ("o", "e", "e_best"))
         L.append(f"| {lvl} | {pa['n']} | {pa['accuracy']:.2f} / {pa['think']:.1f} | {po['accuracy']:.2f} / "
-                 f"{po['think']:.1f} | {pe['accuracy']:.2f} / {pe['think']:.1f} |")
+                 f"{po['think']:.1f} | {pe['accuracy']:.2f} / {pe['think']:.1f} | {pb['accuracy']:.2f} / {pb['think']:.1f} |")
+    L += ["", "A price of time lambda ends a think phase whose expected gain per further token is below lambda: at a "
+          "high price the hardest queries, whose answers are far away, are given up early, so tokens per query grow "
+          "with difficulty only up to the level the price still pays for."]
     L += ["", "## Budget conditioning (accuracy / mean think tokens)", "",
-          "| target mean budget | truncation | head, best within that mean budget (lambda, cap) | head, cap = budget, operating lambda |",
-          "|---|---|---|---|"]
+          "| target mean budget | truncation | head, best within that mean budget (lambda, cap) "
+          "| head, cap = budget, best lambda | head, cap = budget, operating lambda |",
+          "|---|---|---|---|---|"]
     for br in r["budget_conditioning"]:
         tr, hb, hc = br["truncation"], br["head_best_within_mean_budget"], br["head_cap_equal_budget_at_star"]
+        hx = br["head_cap_equal_budget_best"]
         hb_s = "-" if hb is None else f"{hb['accuracy']:.3f} / {hb['think']:.1f} ({hb['cost_of_time']}, {hb['cap']})"
+        hx_s = "-" if hx is None else f"{hx['accuracy']:.3f} / {hx['think']:.1f} ({hx['cost_of_time']})"
         hc_s = "-" if hc is None else f"{hc['accuracy']:.3f} / {hc['think']:.1f}"
-        L.append(f"| {br['budget']} | {tr['accuracy']:.3f} / {tr['think']:.1f} | {hb_s} | {hc_s} |")
+        L.append(f"| {br['budget']} | {tr['accuracy']:.3f} / {tr['think']:.1f} | {hb_s} | {hx_s} | {hc_s} |")
     L += ["", "## Draft acceptance (greedy, draft length 4, on the target's traces)", "",
           "| level | per-token agreement | tokens per target forward |", "|---|---|---|"]
     for lvl, s in r["draft_acceptance"].items():
