@@ -199,6 +199,12 @@ def verify_step(
         target_logits = target_logits.contiguous()
     if hidden is not None and hidden.stride(2) != 1:
         hidden = hidden.contiguous()
+    if not torch.compiler.is_compiling():
+        # As haltkit.decode_step: eager calls skip the torch.library dispatch (see there).
+        with torch.no_grad():
+            return backend_module(name).verify_step(
+                target_logits, hidden, draft_tokens, draft_lens, requests, state, w, draft_probs, method
+            )
     out = _verify_step_op(
         target_logits, hidden, draft_tokens, draft_lens, draft_probs,
         *requests.tensors(), *state.tensors(),
