@@ -249,6 +249,16 @@ def test_request_batch_index_select_equals_packing_the_selection():
     assert r.index_select(torch.tensor([], dtype=torch.int64)).batch_size == 0
 
 
+def test_request_batch_token_end_is_known_at_packing_and_kept_by_compaction():
+    req = pack_requests(SamplingParams(), [ExitPolicy(eos_token_ids=(4,)), ExitPolicy(exit_tokens=(9, 2))], 12)
+    assert req.token_end() == 10
+    sub = req.index_select(torch.tensor([0]))
+    sub.exit_tokens.fill_(11)  # in place: the kept bound (10, of the whole batch) is not re-read
+    assert sub.token_end() == 10
+    assert dataclasses.replace(req).token_end() == 10  # a hand-built batch reads its tensors once
+    assert pack_requests(SamplingParams(), ExitPolicy(), 5, 2).token_end() == 0
+
+
 def test_request_batch_and_state_to_device_round_trip():
     samp, exits = _mixed_requests()
     r = pack_requests(samp, exits, vocab_size=32)
@@ -341,6 +351,11 @@ BAD_CALLS = [
      ["requests.exit_tokens", f"[{B}, *]", "[2, 1]"]),
     ("min-p-other-device", _replace_request("min_p", lambda t: t.to("meta")), ValueError, ["requests.min_p", "meta", "cpu"]),
     ("patience-wrong-rows", _replace_request("patience", lambda t: t[:2]), ValueError, ["requests.patience", f"[{B}]", "[2]"]),
+    ("requests-packed-for-larger-vocab",
+     lambda lg, h, r, s, hd: (lg, h, pack_requests(SamplingParams(), ExitPolicy(exit_tokens=(V + 2,)), V + 5, B), s, hd),
+     ValueError, [f"token id {V + 2}", f"V = {V}", f"vocab_size = {V}"]),
+    ("hand-built-eos-past-vocab", _replace_request("eos_ids", lambda t: torch.full_like(t, V)), ValueError,
+     [f"token id {V}", "eos_ids or exit_tokens"]),
     ("state-phase-int64", _replace_state("phase", lambda t: t.long()), ValueError, ["state.phase", "int32", "int64"]),
     ("state-think-end-wrong-rows", _replace_state("think_end", lambda t: t[:1]), ValueError,
      ["state.think_end", f"[{B}]", "[1]"]),

@@ -214,12 +214,33 @@ class RequestBatch:
         """All fields in declaration order (the order the custom ops take them in)."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
+    def token_end(self) -> int:
+        """One past the largest token id the batch names (EOS ids, exit tokens): the logits of a
+        step need at least this many columns, or a forced exit token would index past a row.
+
+        :func:`pack_requests` knows it; for a batch built by hand it is read from the tensors on
+        first use (one host sync on a GPU) and kept. :meth:`index_select` and :meth:`to` pass it
+        on, so a step never syncs for it. (Edit ``eos_ids`` / ``exit_tokens`` in place and the
+        kept value is stale: build a new batch instead.)
+        """
+        end = self.__dict__.get("_token_end")
+        if end is None:
+            end = int(torch.maximum(self.eos_ids.max(), self.exit_tokens.max())) + 1
+            self.__dict__["_token_end"] = end
+        return end
+
+    def _derived(self, tensors) -> "RequestBatch":
+        out = RequestBatch(*tensors)
+        if "_token_end" in self.__dict__:  # a subset names no larger token
+            out.__dict__["_token_end"] = self.__dict__["_token_end"]
+        return out
+
     def index_select(self, idx: torch.Tensor) -> "RequestBatch":
         """The requests at rows ``idx`` ([n] int64), in that order: how a batch is compacted."""
-        return RequestBatch(*(t.index_select(0, idx) for t in self.tensors()))
+        return self._derived(t.index_select(0, idx) for t in self.tensors())
 
     def to(self, device: torch.device | str) -> "RequestBatch":
-        return RequestBatch(*(t.to(device) for t in self.tensors()))
+        return self._derived(t.to(device) for t in self.tensors())
 
 
 def _broadcast(name: str, value, batch_size: int | None) -> list:
@@ -294,7 +315,7 @@ def pack_requests(
         width = max(1, max(len(r) for r in rows))
         return col([list(r) + [-1] * (width - len(r)) for r in rows], torch.int32)
 
-    return RequestBatch(
+    batch = RequestBatch(
         temperature=col([s.temperature for s in samp], torch.float32),
         top_k=col([s.top_k for s in samp], torch.int32),
         top_p=col([s.top_p for s in samp], torch.float32),
@@ -311,3 +332,5 @@ def pack_requests(
         exit_tokens=padded([e.exit_tokens for e in pol]),
         exit_len=col([len(e.exit_tokens) for e in pol], torch.int32),
     )
+    batch.__dict__["_token_end"] = 1 + max((t for e in pol for t in (*e.eos_token_ids, *e.exit_tokens)), default=-1)
+    return batch
