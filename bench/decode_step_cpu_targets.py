@@ -3,8 +3,8 @@
 Contenders, timed interleaved with ``bench/decode_step.py``'s harness and inputs (same eager chain,
 same compiled reference, same value head and requests): ``eager`` (the baseline of every ratio),
 ``compiled`` (torch.compile of the reference), ``cpu`` (``haltkit.decode_step(backend="cpu")``)
-and ``cpu_kernel`` (the same backend called directly, without the validation and the
-torch.library dispatch: what the native code itself takes), in the modes greedy, top_p and top_k
+and ``cpu_kernel`` (the same backend called directly, without the boundary's validation: what
+the native code itself takes), in the modes greedy, top_p and top_k
 (the last is not in decode_step.py's grid). Floors measured in the same run:
 
 * ``floor_us``: decode_step.py's memory floor (every byte that must move, at copy bandwidth);
@@ -12,7 +12,8 @@ torch.library dispatch: what the native code itself takes), in the modes greedy,
   (a reduction over a 256 MiB buffer).
 
 Targets (issue 5): top_p and top_k >= 10x eager and faster than compiled; greedy <= 1.5x the read
-floor. Writes ``bench/results/decode_step_cpu_targets.{json,md}``.
+floor. Measured at each thread count of ``--threads`` (default 1 and 2, this machine's cores).
+Writes ``bench/results/decode_step_cpu_targets.{json,md}``.
 """
 
 from __future__ import annotations
@@ -45,19 +46,11 @@ def read_bandwidth(mib: int = 256) -> float:
     return src.numel() * 4 / statistics.median(runs[2:])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the cpu backend uses as many)")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per mode, after 3 runs")
-    ap.add_argument("--out", type=Path, default=bench.RESULTS)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def measure(threads: int, reps: int, budget: float, compiled, gen: torch.Generator) -> tuple[dict, list[dict]]:
+    """Bandwidths and every mode's timings with ``threads`` torch threads (the cpu backend uses as many)."""
+    torch.set_num_threads(threads)
     dev = torch.device("cpu")
-    bench.MODES.update(MODES)  # make_inputs reads its modes from there
     copy_bw, read_bw = copy_bandwidth(dev), read_bandwidth()
-    compiled = torch.compile(reference_decode_step, dynamic=True)
-    gen = torch.Generator().manual_seed(0)
     rows = []
     for mode in MODES:
         inp = bench.make_inputs(mode, B, V, torch.float32, dev, gen)
@@ -72,44 +65,66 @@ def main(argv: list[str] | None = None) -> int:
         kernel = backend_module("cpu")
         fns["cpu_kernel"] = lambda: kernel.decode_step(inp.logits, inp.hidden, inp.requests, states["cpu_kernel"],
                                                        inp.head)
-        times = time_interleaved(fns, dev, 1, args.reps, args.budget, before_each=restore)
+        times = time_interleaved(fns, dev, 1, reps, budget, before_each=restore)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         floor_us = inp.floor_bytes() / copy_bw * 1e6
         read_floor_us = inp.logits.numel() * inp.logits.element_size() / read_bw * 1e6
-        rows.append({"mode": mode, "median_us": med, "times_us": times, "floor_us": floor_us,
+        rows.append({"threads": threads, "mode": mode, "median_us": med, "times_us": times, "floor_us": floor_us,
                      "read_floor_us": read_floor_us,
                      "speedup_vs_eager": {n: med["eager"] / m for n, m in med.items()},
                      "cpu_vs_compiled": med["compiled"] / med["cpu"],
                      "cpu_over_floor": med["cpu"] / floor_us, "cpu_over_read_floor": med["cpu"] / read_floor_us,
                      "kernel_over_read_floor": med["cpu_kernel"] / read_floor_us})
-        print(f"{mode:6s} " + " ".join(f"{n}={m / 1e3:9.2f}ms" for n, m in med.items())
+        print(f"{threads}t {mode:6s} " + " ".join(f"{n}={m / 1e3:9.2f}ms" for n, m in med.items())
               + f"  floor={floor_us / 1e3:.2f}ms read_floor={read_floor_us / 1e3:.2f}ms"
               + f"  ({len(times['cpu'])} reps, {time.perf_counter() - t0:.0f}s)", flush=True)
-    res = {"machine": machine_info(dev), "B": B, "V": V, "dtype": "fp32", "modes": MODES,
-           "copy_bandwidth_GBps": copy_bw / 1e9, "read_bandwidth_GBps": read_bw / 1e9,
-           "d_model": bench.D_MODEL, "head_width": bench.HEAD_WIDTH, "rows": rows}
+    return {"threads": threads, "copy_bandwidth_GBps": copy_bw / 1e9, "read_bandwidth_GBps": read_bw / 1e9}, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="torch intra-op thread counts to measure at (every contender and floor uses as many)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per mode, after 3 runs")
+    ap.add_argument("--out", type=Path, default=bench.RESULTS)
+    args = ap.parse_args(argv)
+    bench.MODES.update(MODES)  # make_inputs reads its modes from there
+    compiled = torch.compile(reference_decode_step, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    bandwidths, rows = [], []
+    for threads in args.threads:
+        bw, r = measure(threads, args.reps, args.budget, compiled, gen)
+        bandwidths.append(bw)
+        rows += r
+    res = {"machine": machine_info(torch.device("cpu")), "B": B, "V": V, "dtype": "fp32", "modes": MODES,
+           "bandwidths": bandwidths, "d_model": bench.D_MODEL, "head_width": bench.HEAD_WIDTH, "rows": rows}
     m = res["machine"]
+    bw_text = "; ".join(f"{b['threads']} thread(s): copy {b['copy_bandwidth_GBps']:.1f} GB/s, read "
+                        f"{b['read_bandwidth_GBps']:.1f} GB/s" for b in bandwidths)
     lines = [
         "# decode_step: native CPU backend at the issue-5 target point",
         "",
         f"B = {B}, V = {V}, fp32 logits; {m['processor'] or 'cpu'} ({m['cpus']} cpus), torch {m['torch']}, "
-        f"{m['torch_threads']} thread(s) for every contender, load average {m['load_average'][0]:.1f} at the end. "
-        f"Copy bandwidth {copy_bw / 1e9:.1f} GB/s, read bandwidth {read_bw / 1e9:.1f} GB/s, both measured in the run. "
+        f"load average {m['load_average'][0]:.1f} at the end. Every contender and both floors of a row use the "
+        f"row's thread count. Bandwidths measured in the run: {bw_text}. "
         "Median ms after warm-up, contenders interleaved; eager = bench/eager.py's chain, compiled = "
         "torch.compile of the reference. Value head: MLP d = 4096, width 64.",
         "",
-        "| mode | eager ms | compiled ms | cpu ms | cpu_kernel ms | cpu vs eager | cpu vs compiled | cpu / floor "
-        "| cpu / read floor | cpu_kernel / read floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| threads | mode | eager ms | compiled ms | cpu ms | cpu_kernel ms | cpu vs eager | cpu vs compiled "
+        "| cpu / floor | cpu / read floor | cpu_kernel / read floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         med = r["median_us"]
-        lines.append(f"| {r['mode']} | {med['eager'] / 1e3:.1f} | {med['compiled'] / 1e3:.1f} | {med['cpu'] / 1e3:.2f} | "
-                     f"{med['cpu_kernel'] / 1e3:.2f} | {r['speedup_vs_eager']['cpu']:.1f}x | {r['cpu_vs_compiled']:.1f}x | "
-                     f"{r['cpu_over_floor']:.2f} | {r['cpu_over_read_floor']:.2f} | {r['kernel_over_read_floor']:.2f} |")
+        lines.append(f"| {r['threads']} | {r['mode']} | {med['eager'] / 1e3:.1f} | {med['compiled'] / 1e3:.1f} | "
+                     f"{med['cpu'] / 1e3:.2f} | {med['cpu_kernel'] / 1e3:.2f} | {r['speedup_vs_eager']['cpu']:.1f}x | "
+                     f"{r['cpu_vs_compiled']:.1f}x | {r['cpu_over_floor']:.2f} | {r['cpu_over_read_floor']:.2f} | "
+                     f"{r['kernel_over_read_floor']:.2f} |")
     lines += ["", "floor = decode_step.py's (all bytes that must move, at copy bandwidth); read floor = logits "
-              "bytes at read bandwidth (the issue's greedy target: <= 1.5). cpu_kernel - cpu is the Python "
-              "validation and torch.library dispatch of the op."]
+              "bytes at read bandwidth (the issue's greedy target: <= 1.5). cpu = `haltkit.decode_step` "
+              "(validation included); cpu_kernel = the backend called directly, so cpu - cpu_kernel is the "
+              "boundary's validation."]
     js, md = write_results(args.out, "decode_step_cpu_targets", res, "\n".join(lines) + "\n")
     print(f"wrote {js} and {md}")
     return 0

@@ -22,7 +22,8 @@ from haltkit.backends import resolve_backend
 from haltkit.reference.decode_step import decode_step as ref_decode_step
 from conftest import TOL
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]  # on CPU tensors
+GPU_BACKENDS = ["torch", "triton", "cuda"]  # on CUDA tensors (tests marked gpu)
 # The Triton interpreter evaluates -inf - -inf and log(0) on masked lanes through numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 #: Each statistical check fails a correct implementation with probability ALPHA; a test makes at
@@ -739,7 +740,7 @@ def test_triton_kernel_compiles_for_a_hopper_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["exact", "rejection"])
-def test_gpu_triton_matches_reference_at_a_real_vocabulary(method):
+def test_gpu_backends_match_reference_at_a_real_vocabulary(method):
     B, K, V = 64, 4, 151936
     gen, requests, logits, hidden, head, state = scenario(B, K, V, 128, 5, dtype=torch.bfloat16, head_kind="mlp")
     lens = torch.tensor([b % (K + 1) for b in range(B)], dtype=torch.int32)
@@ -751,13 +752,16 @@ def test_gpu_triton_matches_reference_at_a_real_vocabulary(method):
         drafts = torch.multinomial(probs.reshape(-1, V), 1).reshape(B, K)
     cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
     outs = {}
-    for backend in BACKENDS:
+    for backend in GPU_BACKENDS:
         st = DecodeState(*(t.cuda() for t in state.tensors()))
         out = haltkit.verify_step(logits.cuda(), hidden.cuda(), drafts.cuda(), lens.cuda(), requests.to("cuda"),
                                   st, HeadWeights(*(t.cuda() for t in head)), cuda(probs), method, backend)
         outs[backend] = (out, st)
-    (ref, ref_st), (tri, tri_st) = outs["torch"], outs["triton"]
-    assert torch.equal(tri.tokens, ref.tokens) and torch.equal(tri.num_accepted, ref.num_accepted)
-    for name in vars(ref_st):
-        assert torch.equal(getattr(tri_st, name), getattr(ref_st, name)), name
-    torch.testing.assert_close(tri.logprobs, ref.logprobs, equal_nan=True, **dict(zip(("rtol", "atol"), TOL[torch.bfloat16])))
+    ref, ref_st = outs["torch"]
+    for backend in GPU_BACKENDS[1:]:
+        got, got_st = outs[backend]
+        assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.num_accepted, ref.num_accepted), backend
+        for name in vars(ref_st):
+            assert torch.equal(getattr(got_st, name), getattr(ref_st, name)), (backend, name)
+        torch.testing.assert_close(got.logprobs, ref.logprobs, equal_nan=True,
+                                   **dict(zip(("rtol", "atol"), TOL[torch.bfloat16])))
