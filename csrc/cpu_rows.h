@@ -607,9 +607,11 @@ int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass,
 
 // Judges one position of one row as decode_step specifies, updating `s`: value, row check,
 // exits, then the token (forced, speculative, greedy or drawn) and its log-prob.
-// `value` is the head's value at this position (NaN without a head), from head_values.
+// `value` is the head's value at this position (NaN without a head), from head_values;
+// `scanned`, when not null, is greedy_scan's result for this (greedy) row, taken earlier.
 template <int DT>
-Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Position& pos, float value) {
+Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Position& pos, float value,
+             const GreedyScan* scanned) {
   Scratch& scr = scratch();
   const int64_t V = a.V;
   if (s.finish_reason != kNone) return Judged{-1, kNaN, kNaN};
@@ -617,7 +619,11 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
   const void* row = pos.logits;
 
   GreedyScan g{RowScan{0.0f, true}, -1, 0.0};
-  if (!pos.force_bad) g = greedy ? greedy_scan<DT>(row, V) : GreedyScan{scan_row<DT>(row, V), -1, 0.0};
+  if (scanned != nullptr) {
+    g = *scanned;
+  } else if (!pos.force_bad) {
+    g = greedy ? greedy_scan<DT>(row, V) : GreedyScan{scan_row<DT>(row, V), -1, 0.0};
+  }
   const StepPlan p = plan_step(r, s, g.scan.bad, value);
 
   int64_t token = -1;
@@ -644,7 +650,16 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
   return Judged{p.emit ? token : -1, p.emit ? logprob : kNaN, value};
 }
 
-using JudgeFn = Judged (*)(const DecodeStepArgs&, const RowRequest&, RowState&, const Position&, float);
+using JudgeFn = Judged (*)(const DecodeStepArgs&, const RowRequest&, RowState&, const Position&, float,
+                           const GreedyScan*);
+using GreedyScanFn = GreedyScan (*)(const void*, int64_t);
+
+[[maybe_unused]] GreedyScanFn greedy_scan_for(int32_t logits_dtype) {
+  if (logits_dtype == kFloat32) return greedy_scan<kFloat32>;
+  if (logits_dtype == kBFloat16) return greedy_scan<kBFloat16>;
+  if (logits_dtype == kFloat16) return greedy_scan<kFloat16>;
+  throw std::invalid_argument("unknown logits dtype code " + std::to_string(logits_dtype));
+}
 
 JudgeFn judge_for(int32_t logits_dtype) {
   if (logits_dtype == kFloat32) return judge<kFloat32>;

@@ -44,7 +44,7 @@ void verify_step_cpu(const VerifyStepArgs& v, int num_threads) {
         if (drafted) pos.spec.draft = v.draft_tokens[b * K + j];
         if (v.probs_dims == 3) pos.spec.q = static_cast<const char*>(v.draft_probs) + (b * K + j) * a.V * (v.probs_dtype == kFloat32 ? 4 : 2);
         pos.spec.q_dtype = v.probs_dtype;
-        out = judge_row(a, r, s, pos, values[j]);
+        out = judge_row(a, r, s, pos, values[j], nullptr);
         const bool emit = out.token >= 0;
         const bool acc = emit && drafted && out.token == pos.spec.draft;
         emitted += emit;
