@@ -51,7 +51,8 @@ def time_interleaved(
     before_each: Callable[[str], None] | None = None,
     min_reps: int = 3,
 ) -> dict[str, list[float]]:
-    """Microseconds per call of each contender, the contenders alternating within every repetition.
+    """Microseconds per call of each contender, the contenders alternating within every repetition
+    (in an order rotated by one each repetition).
 
     Args:
         fns: name -> zero-argument callable.
@@ -70,7 +71,11 @@ def time_interleaved(
     for rep in range(warmup + reps):
         if rep == warmup:
             start = time.perf_counter()
-        for name, fn in fns.items():
+        items = list(fns.items())
+        # Each repetition starts one contender later, so none always runs right after the same
+        # (e.g. a memory-heavy) neighbour.
+        items = items[rep % len(items):] + items[: rep % len(items)]
+        for name, fn in items:
             if before_each is not None:
                 before_each(name)
             us = _time_once(fn, device)
