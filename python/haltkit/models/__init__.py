@@ -24,7 +24,7 @@ class ToyModels(NamedTuple):
 
     Fields:
         target: ``transformers.LlamaForCausalLM`` (~1.08M parameters), eval mode.
-        draft: ``transformers.LlamaForCausalLM`` (~0.2M parameters, same vocabulary), eval mode.
+        draft: ``transformers.LlamaForCausalLM`` (~0.16M parameters, same vocabulary), eval mode.
         head: :class:`haltkit.MarginalValueHead` reading the target's final (post-norm) hidden state.
         tokenizer: :class:`haltkit.tokenizer.CharTokenizer` (``transformers.PreTrainedTokenizerFast``
             loads the same vocabulary from ``toy_dir() / "target"``).
