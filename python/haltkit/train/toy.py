@@ -40,7 +40,7 @@ class ModelSpec:
     max_position_embeddings: int = 512
 
 
-#: The shipped runs' schedules: together about 30 minutes on the 2-core build machine
+#: The shipped runs' schedules: together about 26 minutes on the 2-core build machine
 #: (`meta.json` records each run's measured time).
 DEFAULT_RUNS = {"target": {"steps": 2000, "batch_size": 64},
                 "draft": {"steps": 1000, "batch_size": 64}}
