@@ -1,5 +1,6 @@
-// decode_step on the host: every row judged once by the shared row machinery (cpu_rows.h), one
-// row per OpenMP task, then compaction.
+// decode_step on the host: the value head and the greedy rows' logits scans in one parallel pass,
+// then every row judged once by the shared row machinery (cpu_rows.h), one row per OpenMP task,
+// then compaction.
 #include <omp.h>
 
 #include "cpu_rows.h"
