@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "haltkit/decode_step.cuh"
+#include "haltkit/exit_rules.cuh"
 #include "haltkit/verify_step.cuh"
 
 namespace hk {
@@ -124,6 +125,22 @@ inline VerifyStepArgs verify_step_args(const Ints& logits, const Ints& hidden, c
   if (v.rejection && v.K1 > 1 && !probs_ok)
     throw std::invalid_argument("verify_step: method rejection needs draft_probs of 2 or 3 dimensions");
   return v;
+}
+
+// logits, hidden, head, requests, state: as decode_step_args (logits float32, written)
+// rules:    (plan, token, halt_token, active)
+inline ExitRulesArgs exit_rules_args(const Ints& logits, const Ints& hidden, const Ints& head, const Ints& req,
+                                     const Ints& st, const Ints& rules) {
+  expect_len("rules", rules, 4);
+  ExitRulesArgs x{};
+  x.step = decode_step_args(logits, hidden, head, req, st, {0, 0, 0, 0, 0});
+  if (x.step.logits_dtype != kFloat32) throw std::invalid_argument("exit_rules: logits must be float32");
+  x.logits = ptr<float>(logits[0]);
+  x.plan = ptr<int32_t>(rules[0]);
+  x.token = ptr<const int64_t>(rules[1]);
+  x.halt_token = ptr<const int64_t>(rules[2]);
+  x.active = ptr<const uint8_t>(rules[3]);
+  return x;
 }
 
 }  // namespace hk

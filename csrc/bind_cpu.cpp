@@ -19,6 +19,16 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
       py::arg("outputs"), py::arg("num_threads"));
   m.def(
+      "exit_rules",
+      [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
+         const hk::Ints& state, const hk::Ints& rules, int num_threads) {
+        const hk::ExitRulesArgs x = hk::exit_rules_args(logits, hidden, head, requests, state, rules);
+        py::gil_scoped_release release;
+        hk::exit_rules_cpu(x, num_threads);
+      },
+      py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
+      py::arg("rules"), py::arg("num_threads"));
+  m.def(
       "verify_step",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
          const hk::Ints& state, const hk::Ints& drafts, const hk::Ints& outputs, int num_threads) {

@@ -20,6 +20,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
       py::arg("outputs"), py::arg("stream"));
   m.def(
+      "exit_rules",
+      [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
+         const hk::Ints& state, const hk::Ints& rules, int64_t stream) {
+        const hk::ExitRulesArgs x = hk::exit_rules_args(logits, hidden, head, requests, state, rules);
+        py::gil_scoped_release release;
+        hk::exit_rules_cuda(x, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+      },
+      py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
+      py::arg("rules"), py::arg("stream"));
+  m.def(
       "verify_step",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
          const hk::Ints& state, const hk::Ints& drafts, const hk::Ints& outputs, int64_t stream) {

@@ -661,7 +661,7 @@ using GreedyScanFn = GreedyScan (*)(const void*, int64_t);
   throw std::invalid_argument("unknown logits dtype code " + std::to_string(logits_dtype));
 }
 
-JudgeFn judge_for(int32_t logits_dtype) {
+[[maybe_unused]] JudgeFn judge_for(int32_t logits_dtype) {
   if (logits_dtype == kFloat32) return judge<kFloat32>;
   if (logits_dtype == kBFloat16) return judge<kBFloat16>;
   if (logits_dtype == kFloat16) return judge<kFloat16>;
@@ -687,7 +687,7 @@ void for_each_row(int64_t B, int num_threads, const Row& row) {
 }
 
 // Step 6, compaction: order-preserving indices of the rows still running, -1 padded.
-void compact_host(const int32_t* finish_reason, int64_t B, int64_t* active_idx, int64_t* num_active) {
+[[maybe_unused]] void compact_host(const int32_t* finish_reason, int64_t B, int64_t* active_idx, int64_t* num_active) {
   int64_t n = 0;
   for (int64_t b = 0; b < B; ++b)
     if (finish_reason[b] == kNone) active_idx[n++] = b;

@@ -381,6 +381,104 @@ def verify_cases() -> list[VerifyCase]:
     ]
 
 
+# --- exit_rules ---------------------------------------------------------------------------------
+
+#: What an untouched plan row holds (rows >= B, inactive rows): any write shows.
+PLAN_POISON = 0x5EADBEEF
+
+
+def _integer_head(kind: str, d: int, gen: torch.Generator) -> HeadWeights | None:
+    """A head whose values are exact in any summation order: small integer weights and biases, and
+    no weight on the (non-integer) step features; with integer hidden states every value is an
+    integer, and the prices of time drawn below are half-integers, so no decision is a float tie."""
+    if kind == "none":
+        return None
+    R = 1 if kind == "linear" else 5
+    w1 = torch.randint(-2, 3, (R, d + 2), generator=gen).float()
+    w1[:, d:] = 0.0
+    b1 = torch.randint(-2, 3, (R,), generator=gen).float()
+    if kind == "linear":
+        return HeadWeights(w1, b1, torch.empty(0), torch.empty(0))
+    return HeadWeights(w1, b1, torch.randint(-2, 3, (R,), generator=gen).float(), torch.tensor([0.0]))
+
+
+def exit_rules_scenario(seed: int, device: str = "cpu") -> dict:
+    """A random slot table for exit_rules: M slots, B logits rows, some rows inactive."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))  # noqa: E731
+    B, V, d = rnd(1, 6), rnd(3, 40), rnd(1, 9)
+    M = B + rnd(0, 2)
+    head_kind = ("none", "linear", "mlp")[seed % 3]
+    tok = lambda: rnd(0, V - 1)  # noqa: E731
+    exits = [ExitPolicy(
+        cost_of_time=None if head_kind == "none" or rnd(0, 3) == 0 else rnd(-3, 3) + 0.5,
+        patience=rnd(1, 3), min_new_tokens=rnd(0, 3), max_new_tokens=rnd(1, 12),
+        eos_token_ids=tuple(tok() for _ in range(rnd(0, 2))),
+        thinking_budget=None if rnd(0, 1) else rnd(1, 8),
+        exit_tokens=tuple(tok() for _ in range(rnd(0, 3))),
+    ) for _ in range(M)]
+    requests = pack_requests(SamplingParams(), exits, V, device=device)
+    plan = torch.full((M, 5), PLAN_POISON, dtype=torch.int32)
+    return dict(
+        B=B, V=V, d=d, requests=requests, head=_integer_head(head_kind, d, gen),
+        hidden_dtype=(torch.float32, torch.bfloat16)[rnd(0, 1)],
+        active=(torch.rand(M, generator=gen) < 0.8).to(device),
+        halt=torch.tensor([(e.eos_token_ids or (-1,))[0] for e in exits], dtype=torch.int64, device=device),
+        state=DecodeState.new(M, device), plan=plan.to(device), gen=gen,
+    )
+
+
+def run_exit_rules_case(seed: int, backend: str = "cpu", device: str = "cpu", steps: int = 10) -> None:
+    """exit_rules of ``backend`` against the reference, step after step on one scenario: the state,
+    the plan (poisoned rows untouched) and the forced logits equal bit for bit."""
+    sc = exit_rules_scenario(seed, device)
+    B, V, gen = sc["B"], sc["V"], sc["gen"]
+    head = sc["head"]
+    head = None if head is None else HeadWeights(*(t.to(device) for t in head))
+    op = backend_module(backend).exit_rules
+    ref_state, ours_state = sc["state"], sc["state"].clone()
+    ref_plan, ours_plan = sc["plan"], sc["plan"].clone()
+    token = torch.full((B,), -1, dtype=torch.int64, device=device)  # nothing pending yet
+    for step in range(steps):
+        logits = torch.randn(B, V, generator=gen).to(device)
+        hidden = None if head is None else torch.randint(-3, 4, (B, sc["d"]), generator=gen).to(device, sc["hidden_dtype"])
+        if hidden is not None and step == 5:
+            hidden[seed % B, 0] = math.nan  # a non-finite value: ERROR where the row consults it
+        ref_x, ours_x = logits.clone(), logits.clone()
+        haltkit.reference.exit_rules(ref_x, hidden, sc["requests"], ref_state, head, ref_plan, token,
+                                     sc["halt"], sc["active"])
+        op(ours_x, hidden, sc["requests"], ours_state, head, ours_plan, token, sc["halt"], sc["active"])
+        where = f"exit_rules[{backend}] seed {seed} step {step}"
+        for name, a, b in zip(STATE_FIELDS, ours_state.tensors(), ref_state.tensors()):
+            assert torch.equal(a, b), f"{where}: state.{name} {a.tolist()} != {b.tolist()}"
+        assert torch.equal(ours_plan, ref_plan), f"{where}: plan {ours_plan.tolist()} != {ref_plan.tolist()}"
+        assert torch.equal(ours_x, ref_x), f"{where}: logits differ"
+        untouched = torch.ones_like(sc["active"])
+        untouched[:B] = ~sc["active"][:B]
+        assert bool((ours_plan[untouched] == PLAN_POISON).all()), f"{where}: an inactive plan row was written"
+        # The engine's draw: a forced row takes its token, the others any token; now and then the
+        # engine discards its sample (a partial prefill) and nothing is committed next time.
+        drawn = torch.randint(0, V, (B,), generator=gen).to(device)
+        token = torch.where(torch.isinf(ref_x).any(1), ref_x.argmax(1), drawn)
+        if step % 4 == 3:
+            token[int(torch.randint(0, B, (), generator=gen))] = -1
+
+
+def run_exit_rules_bad_binding_calls(module) -> None:
+    """exit_rules' binding refuses logits that are not float32 and malformed tuples."""
+    z = (0,) * 15
+    calls = [
+        ((0, 0, 1, 1, 1), (0,) * 4, (0,) * 7, z[:13] + (1, 1), (0,) * 7, (0,) * 4),  # bf16 logits
+        ((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, z[:13] + (1, 1), (0,) * 7, (0,) * 3),  # a rules field missing
+    ]
+    for args in calls:
+        try:
+            module.exit_rules(*args, 1)
+        except ValueError:
+            continue
+        raise AssertionError(f"exit_rules binding accepted {args}")
+
+
 def bad_inputs() -> list[tuple[str, dict, type]]:
     """Calls haltkit.decode_step must refuse before any kernel runs: (what, kwargs, exception)."""
     B, V, d = 3, 50, 4
@@ -433,7 +531,10 @@ def run_all(backend: str = "cpu", large: bool = True) -> int:
     """Every vector, bad input and binding check; returns the number of float ties met."""
     ties = sum(run_case(c, backend) for c in cases(large))
     ties += sum(run_verify_case(c, backend) for c in verify_cases())
+    for seed in range(12):
+        run_exit_rules_case(seed, backend)
     run_bad_inputs(backend)
     if backend == "cpu":
         run_bad_binding_calls(backend_module("cpu").module)
+        run_exit_rules_bad_binding_calls(backend_module("cpu").module)
     return ties

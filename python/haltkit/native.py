@@ -161,10 +161,49 @@ class NativeBackend:
         )
         return out
 
+    def exit_rules(
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor | None,
+        requests: RequestBatch,
+        state: DecodeState,
+        head: HeadWeights | None,
+        plan: torch.Tensor,
+        token: torch.Tensor,
+        halt_token: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """decode_step's exit rules around another sampler; see :func:`haltkit.reference.exit_rules`.
+
+        Args:
+            logits: [B, V] float32 with unit column stride; forced rows are overwritten.
+            hidden: [B, d] float32 | bfloat16 | float16, or None when ``head`` is None.
+            requests: [M >= B] each.
+            state: [M] int32 each; committed rows are updated.
+            head: the value head's weights, or None.
+            plan: [M, PLAN_WORDS] int32, contiguous.
+            token: [B] int64, -1 where no token was drawn for the pending plan.
+            halt_token: [M] int64.
+            active: [M] bool.
+        """
+        B, V = logits.shape
+        if B == 0:
+            return
+        if logits.stride(1) != 1 or not plan.is_contiguous():
+            raise ValueError("exit_rules: logits rows and the plan must be contiguous (they are written in place)")
+        hidden = None if head is None else _rows(hidden)
+        hid = (0, 0, 0, 0) if hidden is None else (
+            hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
+        keep = (plan, token.contiguous(), halt_token.contiguous(), active.contiguous())  # alive for the call
+        rules = _ptrs(keep)
+        self._launch("exit_rules", logits.device, requests, state, head,
+                     (logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], B, V), hid, None, rules)
+
     def _launch(self, op: str, dev: torch.device, requests: RequestBatch, state: DecodeState,
                 head: HeadWeights | None, logits: tuple, hidden: tuple, drafts: tuple | None,
                 outputs: tuple) -> None:
-        """Calls the module's ``op`` with the requests, state and head as pointer tuples."""
+        """Calls the module's ``op`` with the requests, state and head as pointer tuples
+        (``outputs``: the op's last tuple, e.g. exit_rules' plan, token, halt_token, active)."""
         if head is None:
             w = (0, 0, 0, 0, 0, 0, 0)
         else:

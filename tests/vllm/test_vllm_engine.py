@@ -179,3 +179,14 @@ def test_requests_preempted_by_a_full_kv_cache_keep_their_exit_state(tiny_model,
     assert outputs[1] == outputs[0]
     assert any(toks[10 + 7 * i + 49 : 10 + 7 * i + 49 + len(EXIT)] == list(EXIT)
                for i, (toks, _) in enumerate(outputs[0]))
+
+
+def test_the_torch_reference_rules_give_the_native_rules_output(tiny_model, new_llm, step_head_file, step_llm):
+    # The processor's exit rules run natively ("auto" on the CPU); the torch reference of the same
+    # op must give every request the same tokens and finish reasons inside a real engine.
+    import haltkit.vllm
+
+    llm = new_llm(tiny_model, **haltkit.vllm.engine_args(value_head=step_head_file, backend="torch", **ENGINE_KW))
+    params = [greedy(cost_of_time=-k, patience=1 + k % 3, **({"exit_tokens": list(EXIT)} if k % 2 else {}),
+                     **({"thinking_budget": 4 + k} if k % 3 == 0 else {})) for k in range(len(PROMPTS))]
+    assert run(llm, PROMPTS, params) == run(step_llm, PROMPTS, params)

@@ -45,6 +45,15 @@ def test_engine_args_extend_rather_than_replace_the_callers_settings(tmp_path):
     assert json.loads(flags[3]) == {"haltkit": kw["additional_config"]["haltkit"]}
 
 
+def test_engine_args_name_the_exit_rules_backend_only_when_asked(tmp_path):
+    assert engine_args()["additional_config"] == {"haltkit": {}}
+    assert engine_args(backend="torch")["additional_config"] == {"haltkit": {"backend": "torch"}}
+    with pytest.raises(ValueError, match="'triton' is not an exit_rules backend"):
+        engine_args(backend="triton")
+    with pytest.raises(ValueError, match="'gpu' is unknown"):
+        server_args(backend="gpu")
+
+
 def test_engine_args_check_the_head_file_before_any_engine_starts(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file at"):
         engine_args(value_head=tmp_path / "missing.safetensors")

@@ -40,6 +40,43 @@ struct StepPlan {
   int32_t forced_token;
 };
 
+// A StepPlan kept between the two halves of a step whose token another sampler draws (see
+// exit_rules.cuh): kPlanWords int32 per row, the layout of haltkit/vllm/rules.py's plan tensor.
+constexpr int kPlanWords = 5;
+enum PlanWord : int { kPlanFlags = 0, kPlanThinkReason = 1, kPlanBelowCount = 2, kPlanForcedPos = 3, kPlanForcedToken = 4 };
+enum PlanFlag : int32_t {
+  kFlagRunning = 1, kFlagBad = 2, kFlagEmit = 4, kFlagForcing = 8, kFlagDraw = 16,
+  kFlagStopNow = 32, kFlagSwitched = 64, kFlagThinkExit = 128,
+};
+
+HK_HD void store_plan(const StepPlan& p, int32_t* w) {
+  w[kPlanFlags] = (p.running ? kFlagRunning : 0) | (p.bad ? kFlagBad : 0) | (p.emit ? kFlagEmit : 0) |
+                  (p.forcing ? kFlagForcing : 0) | (p.draw ? kFlagDraw : 0) | (p.stop_now ? kFlagStopNow : 0) |
+                  (p.switched ? kFlagSwitched : 0) | (p.think_exit ? kFlagThinkExit : 0);
+  w[kPlanThinkReason] = p.think_reason;
+  w[kPlanBelowCount] = p.below_count;
+  w[kPlanForcedPos] = p.forced_pos;
+  w[kPlanForcedToken] = p.forcing ? p.forced_token : -1;
+}
+
+HK_HD StepPlan load_plan(const int32_t* w) {
+  StepPlan p{};
+  const int32_t f = w[kPlanFlags];
+  p.running = f & kFlagRunning;
+  p.bad = f & kFlagBad;
+  p.emit = f & kFlagEmit;
+  p.forcing = f & kFlagForcing;
+  p.draw = f & kFlagDraw;
+  p.stop_now = f & kFlagStopNow;
+  p.switched = f & kFlagSwitched;
+  p.think_exit = f & kFlagThinkExit;
+  p.think_reason = w[kPlanThinkReason];
+  p.below_count = w[kPlanBelowCount];
+  p.forced_pos = w[kPlanForcedPos];
+  p.forced_token = w[kPlanForcedToken];
+  return p;
+}
+
 // The head's `budget`: thinking budget, else max_new_tokens (>= 1 after validation).
 HK_HD int32_t feature_budget(const RowRequest& r) {
   return r.thinking_budget > 0 ? r.thinking_budget : r.max_new_tokens;

@@ -35,6 +35,7 @@ from ..params import RequestBatch
 from ..state import DecodeState, Reason, StepOutput
 from ..value_head import HeadWeights, head_forward, step_features
 from .philox import STREAM_TOKEN, gumbel_from_words, random_words
+from .termination import after_step, plan_step
 
 __all__ = ["decode_step", "row_is_bad", "filter_threshold", "scaled_logits", "compact"]
 
@@ -136,7 +137,6 @@ def decode_step(
     r, s = requests, state
     n = s.num_generated
     running = s.finish_reason == int(Reason.NONE)
-    bad = running & row_is_bad(x)
 
     # 2. Value, for every row running at the start of the step.
     budget = torch.where(r.thinking_budget > 0, r.thinking_budget, r.max_new_tokens)
@@ -147,28 +147,11 @@ def decode_step(
         values = torch.full((B,), math.nan, device=dev)
     values = torch.where(running, values, torch.full_like(values, math.nan))
 
-    # 3. Thinking-phase exits.
-    consult = running & ~bad & (s.phase == 0)
-    lam_on = r.cost_of_time > -math.inf
-    bad = bad | (consult & lam_on & ~torch.isfinite(values))
-    consult = consult & ~bad
-    below = consult & (n >= r.min_new_tokens) & (values < r.cost_of_time)
-    below_count = torch.where(consult, torch.where(below, s.below_count + 1, 0), s.below_count)
-    value_exit = consult & (below_count >= r.patience)
-    budget_exit = consult & ~value_exit & (r.thinking_budget > 0) & (s.think_tokens >= r.thinking_budget)
-    think_exit = value_exit | budget_exit
-    think_reason = torch.where(value_exit, int(Reason.VALUE), int(Reason.BUDGET))
-    has_exit = r.exit_len > 0
-    switch = think_exit & has_exit
-    stop_now = think_exit & ~has_exit
+    # 1 and 3. Row check, thinking-phase exits, the forced token.
+    p = plan_step(values, r, s, row_is_bad(x))
 
     # 4. Token: forced, or drawn.
-    forced_pos = torch.where(switch, 0, s.forced_pos)
-    forcing = running & ~bad & ~stop_now & (switch | ((s.phase == 1) & (forced_pos < r.exit_len)))
-    emit = running & ~bad & ~stop_now
-    draw = emit & ~forcing
-
-    xs = torch.where(bad[:, None] | ~running[:, None], torch.zeros_like(x), x)  # keep math finite
+    xs = torch.where(p.bad[:, None] | ~running[:, None], torch.zeros_like(x), x)  # keep math finite
     greedy = r.temperature == 0
     z = scaled_logits(xs, r.temperature)
     zero = torch.zeros_like(r.top_k)
@@ -182,33 +165,17 @@ def decode_step(
     noise = gumbel_from_words(random_words(r.seed, n, STREAM_TOKEN, V))
     score = torch.where(kept, z + noise, torch.full_like(z, -math.inf))
     drawn = torch.where(greedy, xs.argmax(1), score.argmax(1))
-    forced_tok = r.exit_tokens.gather(1, forced_pos.clamp(0, r.exit_tokens.shape[1] - 1).long()[:, None])[:, 0]
-    token = torch.where(forcing, forced_tok.long(), drawn)
+    token = torch.where(p.forcing, p.forced_token, drawn)
 
     log_mass = torch.log(torch.where(kept, torch.exp(z), torch.zeros_like(z)).sum(1))
     tok_c = token.clamp(0, V - 1)[:, None]
     lp = torch.where(kept.gather(1, tok_c)[:, 0], z.gather(1, tok_c)[:, 0] - log_mass, -math.inf)
 
     # 5. State updates.
-    closes = draw & (s.phase == 0) & has_exit & (token == r.exit_tokens[:, 0].long())
-    thinking_token = emit & (s.phase == 0) & ~switch & ~closes
-    n_new = n + emit.to(n.dtype)
-    is_eos = (token[:, None] == r.eos_ids.long()).any(1)
-    finish = torch.where(
-        bad, int(Reason.ERROR),
-        torch.where(stop_now, think_reason,
-        torch.where(emit & is_eos, int(Reason.EOS),
-        torch.where(emit & (n_new >= r.max_new_tokens), int(Reason.LENGTH), s.finish_reason))))
+    for dst, src in zip(s.tensors(), after_step(p, token, r, s).tensors()):
+        dst.copy_(src)
 
-    s.think_end.copy_(torch.where(think_exit, think_reason, torch.where(closes, int(Reason.MODEL), s.think_end)))
-    s.forced_pos.copy_(torch.where(forcing, forced_pos + 1, torch.where(closes, r.exit_len, s.forced_pos)))
-    s.phase.copy_(torch.where(switch | closes, 1, s.phase))
-    s.below_count.copy_(below_count)
-    s.think_tokens.add_(thinking_token.to(torch.int32))
-    s.num_generated.copy_(n_new)
-    s.finish_reason.copy_(finish)
-
-    tokens = torch.where(emit, token, -1)
-    logprobs = torch.where(emit, lp, math.nan).float()
+    tokens = torch.where(p.emit, token, -1)
+    logprobs = torch.where(p.emit, lp, math.nan).float()
     active_idx, num_active = compact(s.finish_reason)
     return StepOutput(tokens, logprobs, values.float(), active_idx, num_active)

@@ -124,24 +124,33 @@ def _check_model_runner() -> None:
         )
 
 
-def _head_config(value_head: str | os.PathLike | None) -> dict[str, Any]:
+def _config(value_head: str | os.PathLike | None, backend: str) -> dict[str, Any]:
+    from ..backends import BACKENDS
+
+    if backend not in ("auto", "torch", "cpu", "cuda"):
+        known = "unknown" if backend not in BACKENDS else "not an exit_rules backend"
+        raise ValueError(f"backend: {backend!r} is {known}; expected 'auto', 'torch', 'cpu' or 'cuda'")
+    cfg: dict[str, Any] = {} if backend == "auto" else {"backend": backend}
     if value_head is None:
-        return {}
+        return cfg
     path = os.path.abspath(os.fspath(value_head))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"value_head: no file at {path}")
     from ..value_head import MarginalValueHead
 
     MarginalValueHead.load(path)  # fail here, with the file's name, rather than in a worker
-    return {"value_head": path}
+    return {**cfg, "value_head": path}
 
 
-def engine_args(value_head: str | os.PathLike | None = None, **engine_kwargs: Any) -> dict[str, Any]:
+def engine_args(value_head: str | os.PathLike | None = None, backend: str = "auto",
+                **engine_kwargs: Any) -> dict[str, Any]:
     """Keyword arguments that turn haltkit on in ``vllm.LLM`` / ``EngineArgs``.
 
     Args:
         value_head: a file written by :meth:`haltkit.MarginalValueHead.save`, or None for
             thinking budgets and exit tokens without value exits.
+        backend: where the per-step exit rules run: "auto" (default: the native build for the
+            device, haltkit._cpu or haltkit._C, else "torch"), "torch", "cpu" or "cuda".
         **engine_kwargs: other engine arguments, merged in (``logits_processors`` and
             ``additional_config`` are extended, not replaced).
 
@@ -163,19 +172,19 @@ def engine_args(value_head: str | os.PathLike | None = None, **engine_kwargs: An
     procs = list(kwargs.pop("logits_processors", None) or [])
     kwargs["logits_processors"] = procs + [PROCESSOR]
     extra = dict(kwargs.pop("additional_config", None) or {})
-    extra[CONFIG_KEY] = _head_config(value_head)
+    extra[CONFIG_KEY] = _config(value_head, backend)
     kwargs["additional_config"] = extra
     return kwargs
 
 
-def server_args(value_head: str | os.PathLike | None = None) -> list[str]:
+def server_args(value_head: str | os.PathLike | None = None, backend: str = "auto") -> list[str]:
     """Command-line flags that turn haltkit on in ``python -m vllm.entrypoints.openai.api_server``.
 
     Args:
-        value_head: as in :func:`engine_args`.
+        value_head, backend: as in :func:`engine_args`.
 
     Returns:
         The flags, e.g. ``["--logits-processors", PROCESSOR, "--additional-config", '{"haltkit": ...}']``.
     """
-    cfg = json.dumps({CONFIG_KEY: _head_config(value_head)})
+    cfg = json.dumps({CONFIG_KEY: _config(value_head, backend)})
     return ["--logits-processors", PROCESSOR, "--additional-config", cfg]

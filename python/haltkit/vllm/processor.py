@@ -6,10 +6,10 @@ Where things happen in a vLLM step, for a batch whose row i is persistent-batch 
    layer with the final hidden states of the rows it samples, in logits row order; the layer is
    wrapped (once per process, when the first processor is built) to keep a reference to ``h``.
    No copy and no second forward: the head reads the tensor vLLM already made.
-2. The sampler calls :meth:`ValueExitLogitsProcessor.apply` on the float32 logits. It first
-   commits the previous step (:func:`~haltkit.vllm.rules.account`, with the token vLLM appended
-   to the request's output), then evaluates the head and decides this step
-   (:func:`~haltkit.vllm.rules.decide`), then forces tokens by masking every other logit.
+2. The sampler calls :meth:`ValueExitLogitsProcessor.apply` on the float32 logits: one call of
+   the ``exit_rules`` op (:func:`haltkit.reference.exit_rules`; the native cpu / cuda backend
+   where built) commits the previous step with the token vLLM appended to each request's
+   output, evaluates the head, plans this step, and forces tokens by masking every other logit.
 3. vLLM samples. A request that must finish without a token of its own (a value or budget exit
    without exit tokens, or an error) is forced its *halt token*, the EOS (else its first stop
    token), so vLLM finishes it with reason "stop" and that one token.
@@ -21,7 +21,6 @@ later) is parked and restored, recognised by its SamplingParams object and its o
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, fields
 
@@ -30,11 +29,12 @@ from vllm.logger import init_logger
 from vllm.sampling_params import SamplingParams as VllmSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from ..backends import backend_module, resolve_backend
 from ..params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
+from ..reference.termination import PLAN_WORDS
 from ..state import DecodeState, Reason
 from ..value_head import MarginalValueHead
 from . import CONFIG_KEY, exit_policy_from_args
-from .rules import Decision, account, decide, head_values
 
 __all__ = ["ValueExitLogitsProcessor", "install_hidden_state_capture", "request_policy"]
 
@@ -112,7 +112,9 @@ class ValueExitLogitsProcessor(LogitsProcessor):
     """vLLM v1 logits processor applying haltkit's exit rules with the value head.
 
     Engine-wide settings come from ``additional_config["haltkit"]`` (see
-    :func:`haltkit.vllm.engine_args`): ``value_head``, the path of a head file, optional.
+    :func:`haltkit.vllm.engine_args`): ``value_head``, the path of a head file, optional;
+    ``backend``, the ``exit_rules`` backend ("auto", the default: the native cpu / cuda build
+    where there is one, else "torch").
     Per-request parameters come from ``SamplingParams.extra_args`` (see
     :func:`haltkit.vllm.exit_policy_from_args`).
 
@@ -127,12 +129,13 @@ class ValueExitLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         cfg = dict((vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
-        unknown = set(cfg) - {"value_head"}
+        unknown = set(cfg) - {"value_head", "backend"}
         if unknown:
             raise ValueError(f"additional_config[{CONFIG_KEY!r}]: unknown settings {sorted(unknown)}")
         self.device = torch.device(device)
         self.pin = is_pin_memory
         self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self.exit_rules = backend_module(resolve_backend(cfg.get("backend", "auto"), self.device, "exit_rules")).exit_rules
         self.head = None
         if cfg.get("value_head"):
             head = MarginalValueHead.load(cfg["value_head"], device=self.device)
@@ -144,14 +147,13 @@ class ValueExitLogitsProcessor(LogitsProcessor):
                 )
             self.head = head.weights()
         M = vllm_config.scheduler_config.max_num_seqs
-        # Slot storage: the requests' parameters, the committed state, and the decision of the
-        # latest apply() awaiting its token (committed by account() on the next apply()).
+        # Slot storage: the requests' parameters, the committed state, and the plan of the
+        # latest apply() awaiting its token (committed by exit_rules on the next apply()).
         self.req = pack_requests(SamplingParams(), [ExitPolicy()] * M, self.vocab_size, device=self.device)
         self.state = DecodeState.new(M, self.device)
-        self.cand = DecodeState.new(M, self.device)
-        zeros = lambda dt: torch.zeros(M, dtype=dt, device=self.device)  # noqa: E731
-        self.emit, self.drew, self.active = zeros(torch.bool), zeros(torch.bool), zeros(torch.bool)
-        self.halt_token = zeros(torch.int64)
+        self.plan = torch.zeros(M, PLAN_WORDS, dtype=torch.int32, device=self.device)
+        self.active = torch.zeros(M, dtype=torch.bool, device=self.device)
+        self.halt_token = torch.zeros(M, dtype=torch.int64, device=self.device)
         # Host side, per slot: the request's live output list, tokens accounted, a pending decision.
         self.outputs: list[list[int] | None] = [None] * M
         self.params: list[VllmSamplingParams | None] = [None] * M
@@ -171,12 +173,12 @@ class ValueExitLogitsProcessor(LogitsProcessor):
 
     def _rows(self) -> list[torch.Tensor]:
         """Every per-slot device tensor whose rows move with their request (not the parameters)."""
-        return [*self.state.tensors(), *self.cand.tensors(), self.emit, self.drew, self.active, self.halt_token]
+        return [*self.state.tensors(), self.plan, self.active, self.halt_token]
 
     def _set_rows(self, tensors: list[torch.Tensor]) -> None:
         n = len(fields(DecodeState))
-        self.state, self.cand = DecodeState(*tensors[:n]), DecodeState(*tensors[n:2 * n])
-        self.emit, self.drew, self.active, self.halt_token = tensors[2 * n:]
+        self.state = DecodeState(*tensors[:n])
+        self.plan, self.active, self.halt_token = tensors[n:]
 
     def _clear(self, i: int) -> None:
         self.outputs[i], self.params[i], self.pending[i] = None, None, False
@@ -238,7 +240,7 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         if outputs:
             logger.warning("haltkit: a request came back with %d tokens but no parked state; "
                            "its exit state starts afresh", len(outputs))
-        stops = _stop_ids(params)
+        stops = [t for t in _stop_ids(params) if t < self.vocab_size]  # forced as a logits column
         halt = stops[0] if stops else -1
         may_halt = finish != Reason.NONE or (
             not policy.exit_tokens and (policy.cost_of_time is not None or policy.thinking_budget is not None))
@@ -303,55 +305,26 @@ class ValueExitLogitsProcessor(LogitsProcessor):
     # ---- the step ---------------------------------------------------------------------------
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Commit the previous step, decide this one, and force tokens ([B, V] float32, in place)."""
+        """Commit the previous step, plan this one, and force tokens ([B, V] float32, in place)."""
         B = logits.shape[0]
         rows = [i for i in range(B) if self.outputs[i] is not None]
         if not rows:
             return logits
-        token, got = [-1] * B, [False] * B
+        token = [-1] * B
         for i in rows:
             out = self.outputs[i]
+            self.pending[i], pending = True, self.pending[i]
             if len(out) == self.n_seen[i]:
-                continue  # no token since the last decision (a partial prefill): decide again
-            if len(out) != self.n_seen[i] + 1 or not self.pending[i]:
+                continue  # no token since the last plan (a partial prefill): plan again
+            if len(out) != self.n_seen[i] + 1 or not pending:
                 raise RuntimeError(
                     f"haltkit: slot {i} gained {len(out) - self.n_seen[i]} tokens in one step; "
                     "haltkit's vLLM processor supports one token per step (no speculative decoding)"
                 )
-            token[i], got[i] = out[-1], True
+            token[i] = out[-1]
             self.n_seen[i] = len(out)
-        r = RequestBatch(*(t[:B] for t in self.req.tensors()))
-        s = DecodeState(*(t[:B] for t in self.state.tensors()))
-        if any(got):
-            got_t = self._h2d(got, torch.bool)
-            tok_t = self._h2d(token, torch.int64)
-            pending = Decision(DecodeState(*(t[:B] for t in self.cand.tensors())),
-                               self.emit[:B], self.drew[:B], None, None)
-            done = account(pending, tok_t, r)
-            for old, new in zip(s.tensors(), done.tensors()):
-                old.copy_(torch.where(got_t, new, old))
-
-        hidden = self._hidden(B)
-        values = head_values(hidden, r, s, self.head)
-        dec = decide(values, r, s)
-        on = self.active[:B]
-        for dst, src in zip(self.cand.tensors(), dec.state.tensors()):
-            dst[:B] = src
-        self.emit[:B], self.drew[:B] = dec.emit & on, dec.drew & on
-        for i in rows:
-            self.pending[i] = True
-
-        # A halted request keeps being forced its halt token until vLLM removes it.
-        halted = on & (dec.halt | ((s.finish_reason != Reason.NONE) & ~dec.emit))
-        force = torch.where(on & dec.emit & ~dec.drew, dec.forced_token,
-                            torch.where(halted, self.halt_token[:B], -1))
-        if logits.device.type == "cpu" and not bool((force >= 0).any()):
-            return logits  # nothing to force (on the GPU the masking below runs regardless: no sync)
-        forcing = (force >= 0)[:, None]
-        col = force.clamp(min=0)[:, None]
-        keep = logits.gather(1, col)
-        logits.masked_fill_(forcing, -math.inf)
-        logits.scatter_(1, col, torch.where(forcing, torch.zeros_like(keep), keep))
+        self.exit_rules(logits, self._hidden(B), self.req, self.state, self.head, self.plan,
+                        self._h2d(token, torch.int64), self.halt_token, self.active)
         return logits
 
     def _h2d(self, values: list, dtype: torch.dtype) -> torch.Tensor:
