@@ -190,3 +190,12 @@ def test_the_torch_reference_rules_give_the_native_rules_output(tiny_model, new_
     params = [greedy(cost_of_time=-k, patience=1 + k % 3, **({"exit_tokens": list(EXIT)} if k % 2 else {}),
                      **({"thinking_budget": 4 + k} if k % 3 == 0 else {})) for k in range(len(PROMPTS))]
     assert run(llm, PROMPTS, params) == run(step_llm, PROMPTS, params)
+
+
+def test_a_request_naming_a_token_outside_the_vocabulary_ends_alone(step_llm, plain):
+    # Admission cannot know the model's vocabulary; the processor ends such a request at once
+    # (its halt token) and the request beside it runs as if alone.
+    V = step_llm.llm_engine.vllm_config.model_config.get_vocab_size()
+    got = run(step_llm, PROMPTS[:2], [greedy(cost_of_time=-3.0, exit_tokens=[V + 5]), greedy(cost_of_time=-3.0)])
+    assert got[0] == ([EOS], "stop")
+    assert got[1] == cut(plain[PROMPTS[1]], 3, [EOS])
