@@ -204,9 +204,9 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--processor-steps", type=int, default=300)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--processor-steps", type=int, default=500)
     ap.add_argument("--exit-queries", type=int, default=60)
     ap.add_argument("--lams", default="none,0.005,0.01,0.02,0.05")
     ap.add_argument("--budget", type=int, default=320)
