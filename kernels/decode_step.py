@@ -36,9 +36,10 @@ import triton
 import triton.language as tl
 
 from ..params import RequestBatch
-from ..state import DecodeState, Reason, StepOutput
+from ..state import DecodeState, StepOutput
 from ..value_head import HeadWeights
 from .philox import GUMBEL_MAX, gumbel_from_words, seed_key, token_words
+from .termination import after_rules, is_eos_token, plan_rules
 
 __all__ = ["decode_step"]
 
@@ -50,12 +51,6 @@ _PAD_KEY: tl.constexpr = tl.constexpr(0x7FFFFFFF)
 # lanes whose best is more than half of it below the best cannot hold the winner (see _scan_row).
 _SLACK: tl.constexpr = tl.constexpr(1.0)
 _STREAM_TOKEN: tl.constexpr = tl.constexpr(0)
-_EOS: tl.constexpr = tl.constexpr(int(Reason.EOS))
-_LENGTH: tl.constexpr = tl.constexpr(int(Reason.LENGTH))
-_VALUE: tl.constexpr = tl.constexpr(int(Reason.VALUE))
-_BUDGET: tl.constexpr = tl.constexpr(int(Reason.BUDGET))
-_ERROR: tl.constexpr = tl.constexpr(int(Reason.ERROR))
-_MODEL: tl.constexpr = tl.constexpr(int(Reason.MODEL))
 
 
 @triton.jit
@@ -334,20 +329,9 @@ def _decode_step_kernel(
 
         # 3. Thinking-phase exits: nothing here depends on the logits, whose check comes next and
         # only turns the row into an ERROR (which leaves every other state field alone).
-        value_bad = (phase == 0) & (lam > float("-inf")) & ~(tl.abs(value) < float("inf"))
-        consult = (phase == 0) & ~value_bad
-        below = consult & (n >= tl.load(min_new_ptr + row)) & (value < lam)
-        new_below = tl.where(consult, tl.where(below, below_count + 1, 0), below_count)
-        value_exit = consult & (new_below >= tl.load(patience_ptr + row))
-        budget_exit = consult & ~value_exit & (budget > 0) & (think_tokens >= budget)
-        think_exit = value_exit | budget_exit
-        think_reason = tl.where(value_exit, _VALUE, _BUDGET)
-        switch = think_exit & (exit_len > 0)
-        stop_now = think_exit & (exit_len == 0)
-        forced_pos = tl.where(switch, 0, forced_pos)
-        forcing = ~value_bad & ~stop_now & (switch | ((phase == 1) & (forced_pos < exit_len)))
-        emit = ~value_bad & ~stop_now
-        draw = emit & ~forcing
+        value_bad, new_below, think_exit, think_reason, switch, stop_now, fpos, forcing, emit, draw = plan_rules(
+            finish == 0, value, n, think_tokens, below_count, phase, forced_pos, lam,
+            tl.load(min_new_ptr + row), tl.load(patience_ptr + row), budget, exit_len)
 
         # 1. Row check (with pass 1), skipped when a value error already ends the row.
         temperature = tl.load(temperature_ptr + row)
@@ -385,29 +369,23 @@ def _decode_step_kernel(
                         W = tl.minimum(W, _key(tl.log(min_p)))
                     mass, token = _draw_pass(x_ptr, V, M, t, W, draw, k0, k1, n, BLOCK_V)
                 if forcing:
-                    token = tl.load(exit_ptr + row64 * X + forced_pos)
+                    token = tl.load(exit_ptr + row64 * X + fpos)
                 z_tok = tl.math.div_rn(tl.load(x_ptr + token).to(tl.float32) - M, t)
                 logprob = tl.where(_key(z_tok) <= W, z_tok - tl.log(mass), float("-inf"))
 
         # 5. State updates.
         bad = value_bad | logits_bad
-        closes = draw & (phase == 0) & (exit_len > 0) & (token == tl.load(exit_ptr + row64 * X))
-        is_eos = tl.full([], 0, tl.int1)
-        for e0 in range(0, E, BLOCK_E):
-            ee = e0 + tl.arange(0, BLOCK_E)
-            ids = tl.load(eos_ptr + row64 * E + ee, mask=ee < E, other=-1)
-            is_eos = is_eos | (tl.sum((ids == token).to(tl.int32)) > 0)
-        n_new = n + emit.to(tl.int32)
-        finish = tl.where(bad, _ERROR, tl.where(stop_now, think_reason, tl.where(
-            emit & is_eos, _EOS, tl.where(emit & (n_new >= max_new), _LENGTH, 0))))
-        if bad == 0:
-            tl.store(think_end_ptr + row, tl.where(think_exit, think_reason, tl.where(closes, _MODEL, think_end)))
-            tl.store(forced_pos_ptr + row, tl.where(forcing, forced_pos + 1, tl.where(
-                closes, exit_len, forced_pos)))
-            tl.store(phase_ptr + row, tl.where(switch | closes, 1, phase))
-            tl.store(below_count_ptr + row, new_below)
-            tl.store(think_tokens_ptr + row, think_tokens + (emit & (phase == 0) & ~switch & ~closes).to(tl.int32))
-            tl.store(num_generated_ptr + row, n_new)
+        is_eos = is_eos_token(eos_ptr + row64 * E, E, token, BLOCK_E)
+        n, think_tokens, below_count, phase, forced_pos, think_end, finish = after_rules(
+            bad, emit, draw, forcing, stop_now, switch, think_exit, think_reason, new_below, fpos, token, is_eos,
+            tl.load(exit_ptr + row64 * X), n, think_tokens, below_count, phase, forced_pos, think_end, finish,
+            exit_len, max_new)
+        tl.store(num_generated_ptr + row, n)
+        tl.store(think_tokens_ptr + row, think_tokens)
+        tl.store(below_count_ptr + row, below_count)
+        tl.store(phase_ptr + row, phase)
+        tl.store(forced_pos_ptr + row, forced_pos)
+        tl.store(think_end_ptr + row, think_end)
         tl.store(finish_ptr + row, finish)
         token = tl.where(emit, token, -1)
     tl.store(tokens_ptr + row, token.to(tl.int64))

@@ -29,6 +29,7 @@ from ..state import DecodeState
 from ..value_head import HeadWeights
 from .decode_step import _INF_KEY, _compact, _draw_pass, _key, _pow2, _scan_row, _search_threshold, _ticket, _value_head
 from .philox import gumbel_from_words, seed_key, token_words, uniform_from_words, words_at
+from .termination import after_rules, is_eos_token, plan_rules
 
 __all__ = ["verify_step"]
 
@@ -159,20 +160,9 @@ def _verify_step_kernel(
             if HAS_HEAD:
                 value = _value_head(hidden_ptr + row64 * stride_hb + j * stride_hj, w1_ptr, b1_ptr, w2_ptr,
                                     b2_ptr, d, R, n, tl.where(budget > 0, budget, max_new), IS_MLP, BLOCK_D, BLOCK_R)
-            value_bad = (phase == 0) & (lam > float("-inf")) & ~(tl.abs(value) < float("inf"))
-            consult = (phase == 0) & ~value_bad
-            below = consult & (n >= min_new) & (value < lam)
-            new_below = tl.where(consult, tl.where(below, below_count + 1, 0), below_count)
-            value_exit = consult & (new_below >= patience)
-            budget_exit = consult & ~value_exit & (budget > 0) & (think_tokens >= budget)
-            think_exit = value_exit | budget_exit
-            think_reason = tl.where(value_exit, 3, 4)  # Reason.VALUE, Reason.BUDGET
-            switch = think_exit & (exit_len > 0)
-            stop_now = think_exit & (exit_len == 0)
-            fpos = tl.where(switch, 0, forced_pos)
-            forcing = ~value_bad & ~stop_now & (switch | ((phase == 1) & (fpos < exit_len)))
-            emit = ~value_bad & ~stop_now
-            draw = emit & ~forcing
+            value_bad, new_below, think_exit, think_reason, switch, stop_now, fpos, forcing, emit, draw = plan_rules(
+                live, value, n, think_tokens, below_count, phase, forced_pos, lam, min_new, patience, budget,
+                exit_len)
             # Speculative sampling picks this position's token instead of decode_step's draw.
             choose = REJECTION & draw & has_draft & ~greedy
 
@@ -219,22 +209,10 @@ def _verify_step_kernel(
 
             # State updates, as decode_step's step 5; an ERROR row keeps everything but its reason.
             bad = value_bad | logits_bad
-            closes = draw & (phase == 0) & (exit_len > 0) & (token == exit0)
-            is_eos = tl.zeros([], dtype=tl.int1)
-            for e0 in range(0, E, BLOCK_E):
-                ee = e0 + tl.arange(0, BLOCK_E)
-                ids = tl.load(eos_ptr + row64 * E + ee, mask=ee < E, other=-1)
-                is_eos = is_eos | (tl.sum((ids == token).to(tl.int32)) > 0)
-            n_new = n + emit.to(tl.int32)
-            finish = tl.where(bad, 5, tl.where(stop_now, think_reason, tl.where(
-                emit & is_eos, 1, tl.where(emit & (n_new >= max_new), 2, 0))))
-            think_end = tl.where(bad, think_end, tl.where(think_exit, think_reason, tl.where(closes, 6, think_end)))
-            forced_pos = tl.where(bad, forced_pos, tl.where(forcing, fpos + 1, tl.where(closes, exit_len, fpos)))
-            think_tokens = tl.where(bad, think_tokens,
-                                    think_tokens + (emit & (phase == 0) & ~switch & ~closes).to(tl.int32))
-            phase = tl.where(bad, phase, tl.where(switch | closes, 1, phase))
-            below_count = tl.where(bad, below_count, new_below)
-            n = tl.where(bad, n, n_new)
+            is_eos = is_eos_token(eos_ptr + row64 * E, E, token, BLOCK_E)
+            n, think_tokens, below_count, phase, forced_pos, think_end, finish = after_rules(
+                bad, emit, draw, forcing, stop_now, switch, think_exit, think_reason, new_below, fpos, token,
+                is_eos, exit0, n, think_tokens, below_count, phase, forced_pos, think_end, finish, exit_len, max_new)
 
             accepted = emit & has_draft & (token == draft)
             n_emitted += emit.to(tl.int32)
