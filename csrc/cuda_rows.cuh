@@ -421,5 +421,26 @@ void require_device() {
   }
 }
 
+// The grid of a row kernel: one block per row up to what the device holds at once, then a
+// persistent grid whose blocks take rows in a grid-stride loop (no tail of short-lived blocks at
+// large B, and the per-block setup is paid once per block, not once per row). Cached per device.
+template <class Kernel>
+unsigned row_grid(Kernel kernel, int64_t B) {
+  if (B > INT32_MAX) throw std::invalid_argument("haltkit._C: B must be < 2^31");
+  constexpr int kMaxDevices = 64;
+  static int resident[kMaxDevices] = {};  // blocks that fit on the device at once; 0 = not yet asked
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= kMaxDevices) throw std::runtime_error("haltkit._C: device ordinal out of range");
+  if (resident[dev] == 0) {
+    int sms = 0, per_sm = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    resident[dev] = sms * (per_sm > 0 ? per_sm : 1);
+  }
+  return static_cast<unsigned>(B < resident[dev] ? B : resident[dev]);
+}
+
 }  // namespace
 }  // namespace hk

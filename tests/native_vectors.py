@@ -257,6 +257,15 @@ def cases(large: bool = True) -> list[Case]:
     return out
 
 
+def persistent_grid_case() -> Case:
+    """More rows than any GPU holds blocks at once, so the CUDA kernels' blocks take several rows
+    each (their grid is one resident wave). Greedy rows with every exit rule: no float ties."""
+    samp, exits = _mixed(40, seed=11)
+    B = 2400
+    return Case(f"B{B}-V40-persistent", B, 40, [SamplingParams(temperature=0.0)] * B,
+                (exits * (B // len(exits) + 1))[:B], 3, head="mlp", seed=11)
+
+
 # --- verify_step -----------------------------------------------------------------------------
 
 
@@ -402,11 +411,12 @@ def _integer_head(kind: str, d: int, gen: torch.Generator) -> HeadWeights | None
     return HeadWeights(w1, b1, torch.randint(-2, 3, (R,), generator=gen).float(), torch.tensor([0.0]))
 
 
-def exit_rules_scenario(seed: int, device: str = "cpu") -> dict:
-    """A random slot table for exit_rules: M slots, B logits rows, some rows inactive."""
+def exit_rules_scenario(seed: int, device: str = "cpu", rows: int | None = None) -> dict:
+    """A random slot table for exit_rules: M slots, B logits rows (1-6, or ``rows``), some inactive."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))  # noqa: E731
     B, V, d = rnd(1, 6), rnd(3, 40), rnd(1, 9)
+    B = rows or B
     M = B + rnd(0, 2)
     head_kind = ("none", "linear", "mlp")[seed % 3]
     tok = lambda: rnd(0, V - 1)  # noqa: E731
@@ -428,10 +438,11 @@ def exit_rules_scenario(seed: int, device: str = "cpu") -> dict:
     )
 
 
-def run_exit_rules_case(seed: int, backend: str = "cpu", device: str = "cpu", steps: int = 10) -> None:
+def run_exit_rules_case(seed: int, backend: str = "cpu", device: str = "cpu", steps: int = 10,
+                        rows: int | None = None) -> None:
     """exit_rules of ``backend`` against the reference, step after step on one scenario: the state,
     the plan (poisoned rows untouched) and the forced logits equal bit for bit."""
-    sc = exit_rules_scenario(seed, device)
+    sc = exit_rules_scenario(seed, device, rows)
     B, V, gen = sc["B"], sc["V"], sc["gen"]
     head = sc["head"]
     head = None if head is None else HeadWeights(*(t.to(device) for t in head))

@@ -64,6 +64,14 @@ def test_step_matches_reference_on_shared_vectors(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_more_rows_than_a_gpu_holds_blocks_match_the_reference(backend):
+    # The CUDA kernels' grid is at most one resident wave (row_grid): with more rows, a block
+    # loops over rows and reuses its shared memory, which the smaller vectors never exercise.
+    assert nv.run_case(nv.persistent_grid_case(), backend, _device(backend)) == 0
+    nv.run_exit_rules_case(0, backend, _device(backend), steps=4, rows=2400)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", nv.verify_cases(), ids=str)
 def test_verify_step_matches_reference_on_shared_vectors(backend, case):
     assert nv.run_verify_case(case, backend, _device(backend)) == 0
