@@ -12,13 +12,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "decode_step",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
-         const hk::Ints& state, const hk::Ints& outputs, int64_t stream) {
-        const hk::DecodeStepArgs a = hk::decode_step_args(logits, hidden, head, requests, state, outputs);
+         const hk::Ints& state, const hk::Ints& outputs, const hk::Ints& split, int64_t stream) {
+        hk::DecodeStepArgs a = hk::decode_step_args(logits, hidden, head, requests, state, outputs);
+        hk::expect_len("split", split, 2);  // (workspace of B * parts GreedyPart, parts per row)
+        a.parts = hk::ptr<hk::GreedyPart>(split[0]);
+        a.num_parts = split[1];
+        if (a.num_parts > 1 && a.parts == nullptr)
+          throw std::invalid_argument("decode_step: splitting rows needs a workspace");
         py::gil_scoped_release release;
         hk::decode_step_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
-      py::arg("outputs"), py::arg("stream"));
+      py::arg("outputs"), py::arg("split"), py::arg("stream"));
   m.def(
       "exit_rules",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,

@@ -9,8 +9,10 @@
 // passes hit L2. Summation orders differ from the host build, so values and log-probs agree
 // within tolerance; tokens, termination and compaction are exact.
 //
-// Not yet here (see issue 5): splitting one long row over several blocks when B is small, and a
-// persistent grid for large B.
+// Grids: at large B, at most one resident wave of blocks, each taking rows in a grid-stride loop
+// (row_grid); at small B, decode_step first splits each greedy row's single pass over several
+// blocks (greedy_parts), and the row's judge merges the slices. Sampled rows, whose threshold
+// searches read the row several times, are not split yet.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -269,6 +271,79 @@ __device__ int64_t block_speculative_choice(const Row& row, float m, float t, fl
   return sd.draft;  // unreachable: p is positive at the row's maximum
 }
 
+// --- pass 1 ----------------------------------------------------------------------------------
+
+// One thread's share of pass 1 over the groups g0, g0 + kThreads, ... below g1: the row check's
+// max (NaN counted as +inf) and, for greedy rows, the first argmax and the online softmax mass
+// relative to the thread's max.
+struct ThreadScan {
+  float max, mass;
+  ArgBest arg;
+};
+
+__device__ ThreadScan thread_scan(const Row& row, int64_t g0, int64_t g1, bool greedy) {
+  ThreadScan t{-kInf, 0.0f, ArgBest{-kInf, INT32_MAX}};
+  for (int64_t g = g0; g < g1; g += kThreads) {
+    float x[4];
+    load_group(row, g, x);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (4 * g + j >= row.V) break;
+      const float nm = checked_max(t.max, x[j]);
+      if (greedy) {
+        if (x[j] > t.arg.score) t.arg = ArgBest{x[j], static_cast<int32_t>(4 * g + j)};
+        if (nm > t.max) {
+          t.mass = (t.max == -kInf ? 0.0f : t.mass * exp_f(t.max - nm)) + (nm == kInf ? 0.0f : 1.0f);
+        } else if (nm != -kInf) {
+          t.mass += exp_f(x[j] - nm);
+        }
+      }
+      t.max = nm;
+    }
+  }
+  return t;
+}
+
+// The thread's mass relative to the block's max m.
+__device__ float thread_mass(const ThreadScan& t, float m) { return t.max == -kInf ? 0.0f : t.mass * exp_f(t.max - m); }
+
+// Slice s of S of a greedy row's groups, scanned by block (s, b): rows split across blocks when
+// the batch is too small to fill the GPU. Rows that are finished or not greedy are skipped (their
+// judge scans them itself).
+__global__ void __launch_bounds__(kThreads, 1) greedy_parts(const DecodeStepArgs a) {
+  __shared__ Shared sh;
+  const int64_t b = blockIdx.y, S = gridDim.x, s = blockIdx.x;
+  if (a.finish_reason[b] != kNone || a.temperature[b] != 0.0f) return;  // uniform across the block
+  const void* ptr = static_cast<const char*>(a.logits) + b * a.logits_stride * (a.logits_dtype == kFloat32 ? 4 : 2);
+  const Row row{ptr, a.V, a.logits_dtype, a.logits_dtype == kFloat32 && (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0};
+  const int64_t G = num_groups(row), per = (G + S - 1) / S;
+  const int64_t g1 = (s + 1) * per < G ? (s + 1) * per : G;
+  const ThreadScan t = thread_scan(row, s * per + threadIdx.x, g1, /*greedy=*/true);
+  const float m = block_reduce(t.max, CheckedMax{}, sh.fred);
+  const double mass = block_reduce(static_cast<double>(thread_mass(t, m)), Plus{}, sh.dred);
+  const ArgBest best = block_argbest(t.arg, sh);
+  if (threadIdx.x == 0) a.parts[b * S + s] = GreedyPart{m, best.index, mass};
+}
+
+struct GreedyMerge {
+  float max;
+  double mass;
+  int32_t arg;
+};
+
+// A greedy row from its slices, in slice order: the first slice reaching the max holds the
+// first argmax. Every thread reads the same few parts and computes the same result.
+__device__ GreedyMerge merge_parts(const GreedyPart* parts, int64_t S) {
+  GreedyMerge g{-kInf, 0.0, INT32_MAX};
+  for (int64_t s = 0; s < S; ++s) g.max = checked_max(g.max, parts[s].max);
+  for (int64_t s = 0; s < S; ++s) {
+    const GreedyPart q = parts[s];
+    if (q.max != -kInf) g.mass += q.mass * static_cast<double>(exp_f(q.max - g.max));
+    if (g.arg == INT32_MAX && q.max == g.max) g.arg = q.arg;
+  }
+  return g;
+}
+
 // --- one position of one row ----------------------------------------------------------------
 
 // Judges one position as decode_step specifies (see judge in cpu_rows.h). Every thread of the
@@ -282,39 +357,32 @@ __device__ Judged block_judge(const DecodeStepArgs& a, const RowRequest& r, RowS
   const float value =
       pos.hidden != nullptr ? block_head_value(a, pos.hidden, s.num_generated, feature_budget(r), sh) : kNaN;
 
-  // Pass 1: row check and max; greedy rows also their first argmax and online softmax mass.
-  float tmax = -kInf, tmass = 0.0f;
-  ArgBest arg{-kInf, INT32_MAX};
-  for (int64_t g = threadIdx.x; g < num_groups(row) && !pos.force_bad; g += kThreads) {
-    float x[4];
-    load_group(row, g, x);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (4 * g + j >= a.V) break;
-      const float nm = checked_max(tmax, x[j]);
-      if (greedy) {
-        if (x[j] > arg.score) arg = ArgBest{x[j], static_cast<int32_t>(4 * g + j)};
-        if (nm > tmax) {
-          tmass = (tmax == -kInf ? 0.0f : tmass * exp_f(tmax - nm)) + (nm == kInf ? 0.0f : 1.0f);
-        } else if (nm != -kInf) {
-          tmass += exp_f(x[j] - nm);
-        }
-      }
-      tmax = nm;
-    }
+  // Pass 1: row check and max; greedy rows also their first argmax and online softmax mass
+  // (from the row's slices when other blocks scanned them: see greedy_parts).
+  const bool merged = greedy && pos.parts != nullptr && !pos.force_bad;  // uniform across the block
+  ThreadScan ts{-kInf, 0.0f, ArgBest{-kInf, INT32_MAX}};
+  float m = -kInf;
+  double gmass = 0.0;
+  int32_t garg = INT32_MAX;
+  if (merged) {
+    const GreedyMerge g = merge_parts(pos.parts, pos.num_parts);
+    m = g.max, gmass = g.mass, garg = g.arg;
+  } else {
+    if (!pos.force_bad) ts = thread_scan(row, threadIdx.x, num_groups(row), greedy);
+    m = block_reduce(ts.max, CheckedMax{}, sh.fred);
   }
-  const float m = block_reduce(tmax, CheckedMax{}, sh.fred);
   const bool bad = pos.force_bad || max_is_bad(m);
   const StepPlan p = plan_step(r, s, bad, value);
 
   int64_t token = -1;
   float logprob = kNaN;
   if (p.emit && greedy) {
-    const float part = tmax == -kInf ? 0.0f : tmass * exp_f(tmax - m);
-    const double mass = block_reduce(static_cast<double>(part), Plus{}, sh.dred);
-    const ArgBest best = block_argbest(arg, sh);
-    token = p.forcing ? p.forced_token : best.index;
-    logprob = (load_as_float(row.ptr, token, row.dt) - m) - log_f(static_cast<float>(mass));
+    if (!merged) {
+      gmass = block_reduce(static_cast<double>(thread_mass(ts, m)), Plus{}, sh.dred);
+      garg = block_argbest(ts.arg, sh).index;
+    }
+    token = p.forcing ? p.forced_token : garg;
+    logprob = (load_as_float(row.ptr, token, row.dt) - m) - log_f(static_cast<float>(gmass));
   } else if (p.emit) {
     const float t = row_temperature(r);
     const Filter f = row_filter(r, a.V);

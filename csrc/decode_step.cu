@@ -1,6 +1,7 @@
 // decode_step on the GPU: a thread block judges a row at a time with the shared block machinery
 // (cuda_rows.cuh), over a grid of at most one resident wave (row_grid), then one block compacts
-// the batch.
+// the batch. When the batch is too small to fill the GPU, greedy rows' single pass is first split
+// over num_parts blocks per row (greedy_parts), and each row's judge merges the slices.
 #include "cuda_rows.cuh"
 
 namespace hk {
@@ -15,6 +16,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_rows(const DecodeStep
     pos.logits = static_cast<const char*>(a.logits) + b * a.logits_stride * (a.logits_dtype == kFloat32 ? 4 : 2);
     pos.hidden = a.hidden == nullptr ? nullptr
                  : static_cast<const char*>(a.hidden) + b * a.hidden_stride * (a.hidden_dtype == kFloat32 ? 4 : 2);
+    if (a.num_parts > 1) pos.parts = a.parts + b * a.num_parts, pos.num_parts = a.num_parts;
     const Judged j = block_judge(a, r, s, pos, sh);
     if (threadIdx.x == 0) {
       store_state(a, b, s);
@@ -31,6 +33,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_rows(const DecodeStep
 void decode_step_cuda(const DecodeStepArgs& a, void* stream) {
   require_device();
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (a.num_parts > 1) {  // a small batch: greedy rows' pass 1 spread over more blocks first
+    if (a.B > 65535 || a.num_parts > INT32_MAX || a.parts == nullptr)
+      throw std::invalid_argument("haltkit._C: splitting rows needs B <= 65535 and a workspace");
+    greedy_parts<<<dim3(static_cast<unsigned>(a.num_parts), static_cast<unsigned>(a.B)), kThreads, 0, st>>>(a);
+    check(cudaGetLastError(), "greedy_parts launch");
+  }
   decode_step_rows<<<row_grid(decode_step_rows, a.B), kThreads, 0, st>>>(a);
   compact_after("decode_step_rows launch", a, st);
 }

@@ -63,6 +63,28 @@ def test_step_matches_reference_on_shared_vectors(backend, case):
     assert nv.run_case(case, backend, _device(backend)) == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", nv.cases(), ids=str)
+def test_cuda_greedy_rows_split_over_blocks_match_the_reference(case, monkeypatch):
+    # Small batches split each greedy row's pass over several blocks (greedy_parts), merged by
+    # the row's judge; forcing 7 slices runs that path on every vector, short rows included.
+    monkeypatch.setattr(backend_module("cuda"), "split_rows", 7)
+    assert nv.run_case(case, "cuda", "cuda") == 0
+
+
+def test_rows_are_split_only_when_the_batch_cannot_fill_the_gpu(monkeypatch):
+    from haltkit import native
+
+    monkeypatch.setattr(native, "_sm_count", lambda device: 132)
+    backend = native.NativeBackend("cuda", None, lambda device: 0)
+    parts = {(B, V): backend._parts(B, V, torch.device("cpu")) for B, V in
+             [(1, 151936), (4, 151936), (66, 151936), (67, 151936), (1, 32000), (1, 4000)]}
+    assert parts == {(1, 151936): 18, (4, 151936): 18, (66, 151936): 2, (67, 151936): 1,
+                     (1, 32000): 3, (1, 4000): 1}
+    backend.split_rows = 7
+    assert backend._parts(200, 9, torch.device("cpu")) == 3  # never a slice without a group of four
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_more_rows_than_a_gpu_holds_blocks_match_the_reference(backend):
     # The CUDA kernels' grid is at most one resident wave (row_grid): with more rows, a block
@@ -317,7 +339,9 @@ def test_cuda_module_imports_and_refuses_to_run_without_a_gpu():
         pytest.skip("a CUDA device is visible; the GPU tests cover the module")
     req = (0,) * 13 + (1, 1)
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
-        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, 0)
+        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, (0, 1), 0)
+    with pytest.raises(ValueError, match="workspace"):  # the binding's own check comes first
+        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, (0, 4), 0)
     with pytest.raises(RuntimeError, match="CUDA device"):
         cuda_backend(mod)
     assert "no CUDA device" in haltkit.backends()["cuda"]

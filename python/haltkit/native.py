@@ -10,6 +10,7 @@ Inputs are assumed validated by :mod:`haltkit.ops`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from types import ModuleType
 from typing import Callable
 
@@ -45,10 +46,23 @@ class NativeBackend:
             CPU, the current stream's handle on a GPU.
     """
 
+    #: The cuda decode_step's blocks per greedy row: None picks it from the batch and the GPU
+    #: (see :meth:`_parts`); an int forces it (tests use it to run the split path on any batch).
+    split_rows: int | None = None
+
     def __init__(self, name: str, module: ModuleType, last_arg: Callable[[torch.device], int]) -> None:
         self.name = name
         self.module = module
         self._last_arg = last_arg
+
+    def _parts(self, B: int, V: int, dev: torch.device) -> int:
+        """Blocks per greedy row for a cuda decode_step: with fewer rows than half the SMs, a row's
+        single pass is split so the batch can use the whole chip, in slices of >= 8192 tokens
+        (each block then still streams >= 32 KiB of fp32 logits)."""
+        if self.split_rows is not None:
+            return max(1, min(self.split_rows, -(-V // 4)))  # at least one group of four tokens each
+        sms = _sm_count(dev)
+        return 1 if 2 * B > sms else max(1, min(sms // B, V // 8192, 64))
 
     def __repr__(self) -> str:
         return f"NativeBackend({self.name!r}, {self.module.__name__})"
@@ -102,9 +116,15 @@ class NativeBackend:
         hidden = None if head is None else _rows(hidden)
         hid = (0, 0, 0, 0) if hidden is None else (
             hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
+        split, workspace = None, None
+        if self.name == "cuda":
+            parts = self._parts(B, V, logits.device)
+            if parts > 1:  # B * parts GreedyPart records of 16 bytes
+                workspace = torch.empty(B * parts * 16, dtype=torch.uint8, device=logits.device)
+            split = (0 if workspace is None else workspace.data_ptr(), parts)
         self._launch(
             "decode_step", logits.device, requests, state, head,
-            (logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], B, V), hid, None, _ptrs(out),
+            (logits.data_ptr(), logits.stride(0), DTYPE_CODES[logits.dtype], B, V), hid, None, _ptrs(out), split,
         )
         return out
 
@@ -201,9 +221,10 @@ class NativeBackend:
 
     def _launch(self, op: str, dev: torch.device, requests: RequestBatch, state: DecodeState,
                 head: HeadWeights | None, logits: tuple, hidden: tuple, drafts: tuple | None,
-                outputs: tuple) -> None:
+                outputs: tuple, extra: tuple | None = None) -> None:
         """Calls the module's ``op`` with the requests, state and head as pointer tuples
-        (``outputs``: the op's last tuple, e.g. exit_rules' plan, token, halt_token, active)."""
+        (``outputs``: the op's outputs, or exit_rules' plan, token, halt_token, active; ``extra``:
+        a last tuple some ops take, the cuda decode_step's row split)."""
         if head is None:
             w = (0, 0, 0, 0, 0, 0, 0)
         else:
@@ -217,10 +238,15 @@ class NativeBackend:
             args.append(drafts)
         # A stream belongs to a device: launch with the logits' device current.
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            getattr(self.module, op)(*args, outputs, self._last_arg(dev))
+            getattr(self.module, op)(*args, outputs, *(() if extra is None else (extra,)), self._last_arg(dev))
         for mine, theirs in zip(st, st_in):
             if mine.data_ptr() != theirs.data_ptr():
                 theirs.copy_(mine)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def cpu_backend(module: ModuleType) -> NativeBackend:

@@ -10,6 +10,15 @@
 
 namespace hk {
 
+// One slice of a greedy row scanned by its own CUDA block (rows split across blocks when B is
+// small): the slice's max (NaN counted as +inf), the first index reaching it, and the softmax
+// mass of the slice relative to its max.
+struct GreedyPart {
+  float max;
+  int32_t arg;
+  double mass;
+};
+
 // Every tensor of haltkit.ops' decode_step op. All [B] tensors are contiguous; logits and hidden
 // rows have unit column stride; head weights are contiguous.
 struct DecodeStepArgs {
@@ -47,6 +56,10 @@ struct DecodeStepArgs {
   float* values;
   int64_t* active_idx;
   int64_t* num_active;
+  // CUDA only: num_parts > 1 splits each running greedy row over that many blocks, whose
+  // results land in parts[b * num_parts + s] (a workspace) before the rows are judged.
+  GreedyPart* parts;
+  int64_t num_parts;
 };
 
 HK_HD RowRequest load_request(const DecodeStepArgs& a, int64_t b) {
@@ -99,6 +112,8 @@ struct Position {
   const void* hidden;
   bool force_bad;
   SpecDraft spec;
+  const GreedyPart* parts;  // CUDA: this row's slices, already scanned (null: scan it here)
+  int64_t num_parts;
 };
 
 struct Judged {
