@@ -3,10 +3,11 @@
 //
 // A position reads its logits in groups of four tokens (one Philox block; a 16-byte load for fp32
 // rows whose start is 16-byte aligned): once for the row check and max (greedy rows also take
-// their argmax and softmax mass in that pass, online), once per radix level for top-k / top-p,
-// and once for the kept mass and the Gumbel-max draw, where a group skips its Philox and logs
-// when its best z plus the largest possible noise cannot beat the thread's best score. Repeat
-// passes hit L2. Summation orders differ from the host build, so values and log-probs agree
+// their argmax and softmax mass in that pass, online; temperature-only rows their mass and a
+// certified Gumbel-max draw, see thread_scan_draw, so both read the row once), once per radix
+// level for top-k / top-p, and once for the kept mass and the Gumbel-max draw, where a group
+// skips its Philox and logs when its best z plus the largest possible noise cannot beat the
+// thread's best score. Repeat passes hit L2. Summation orders differ from the host build, so values and log-probs agree
 // within tolerance; tokens, termination and compaction are exact.
 //
 // Grids: at large B, at most one resident wave of blocks, each taking rows in a grid-stride loop
@@ -307,6 +308,81 @@ __device__ ThreadScan thread_scan(const Row& row, int64_t g0, int64_t g1, bool g
 // The thread's mass relative to the block's max m.
 __device__ float thread_mass(const ThreadScan& t, float m) { return t.max == -kInf ? 0.0f : t.mass * exp_f(t.max - m); }
 
+// A temperature-only row's pass 1 with its Gumbel-max draw folded in, so the row is read once
+// (as the Triton kernel does). The max M, which the reference's scores z + G = (x - M) / t + G
+// are taken against, is known only when the pass ends, so each thread ranks its tokens by the
+// key (x - r) / t + G for a shift r every thread knows in advance (the row's first four tokens'
+// max), keeping its best and runner-up. A key is its token's score plus (M - r) / t, up to
+// rounding; block_certified_draw decides afterwards whether the winners by key are the winners
+// by score, and when it cannot, the caller runs the exact pass 2.
+struct DrawScan {
+  float max, mass;    // the thread's max (NaN counted as +inf), sum of exp((x - max) / t)
+  float key, second;  // its best and runner-up keys (-inf: none)
+  float x, g;         // the best's logit and noise
+  int32_t idx;        // the best's token
+};
+
+constexpr float kDrawSlack = 1.0f;  // keys this far below the thread's best skip their noise
+
+__device__ DrawScan thread_scan_draw(const Row& row, int64_t g0, int64_t g1, float t, float r, uint64_t seed,
+                                     uint32_t step) {
+  DrawScan d{-kInf, 0.0f, -kInf, -kInf, 0.0f, 0.0f, INT32_MAX};
+  for (int64_t g = g0; g < g1; g += kThreads) {
+    float x[4], k[4];
+    load_group(row, g, x);
+    float kmax = -kInf;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const bool in = 4 * g + j < row.V;
+      const float nm = in ? checked_max(d.max, x[j]) : d.max;
+      if (nm > d.max) {
+        d.mass = (d.max == -kInf ? 0.0f : d.mass * exp_f((d.max - nm) / t)) + (nm == kInf ? 0.0f : 1.0f);
+      } else if (in && nm != -kInf) {
+        d.mass += exp_f((x[j] - nm) / t);
+      }
+      d.max = nm;
+      k[j] = in ? (x[j] - r) / t : -kInf;
+      kmax = fmaxf(kmax, k[j]);  // fmaxf passes over a NaN (whose row is an ERROR anyway)
+    }
+    // Exact pruning: every key of this group is below the thread's best by more than the slack,
+    // so none can be its winner or a runner-up the certificate looks at.
+    if (!(kmax > -kInf) || kmax + kGumbelMax < d.key - kDrawSlack) continue;
+    const PhiloxWords w = philox_block(seed, step, kStreamToken, static_cast<uint32_t>(g));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (!(k[j] > -kInf)) continue;
+      const float gj = gumbel_from_word(w.w[j]);
+      const float key = k[j] + gj;
+      if (key > d.key) {
+        d.second = d.key;
+        d.key = key, d.x = x[j], d.g = gj, d.idx = static_cast<int32_t>(4 * g + j);
+      } else {
+        d.second = fmaxf(d.second, key);  // a tie lands here and fails the certificate
+      }
+    }
+  }
+  return d;
+}
+
+// Whether thread_scan_draw's draw is the reference's, for a row with max m, and its token. The
+// threads' winners by key are rescored exactly, (x - m) / t + G as pass 2 computes it, and the
+// best score wins (the lowest index on ties, as argmax). A key and its token's score differ by
+// the constant (m - r) / t and rounding of at most 2^-20 (|key| + |m - r| / t + 9) near the top;
+// the margin is 4x that. A thread whose best is within half the slack of the block's best must
+// hold its runner-up beyond the margin; the others lie more than that below and cannot hold
+// the winner. (The Triton kernel certifies its lanes the same way.)
+__device__ bool block_certified_draw(const DrawScan& d, float m, float t, float r, Shared& sh, int64_t* token) {
+  const float best = block_reduce(d.key, CheckedMax{}, sh.fred);
+  const float bound = 3.814697265625e-06f * (fabsf(d.key) + fabsf(m - r) / t + 64.0f);
+  const bool relevant = d.key >= best - 0.5f * kDrawSlack;
+  const float fails = block_reduce(relevant && !(d.second + bound < d.key) ? 1.0f : 0.0f, Plus{}, sh.fred);
+  const float worst = block_reduce(relevant ? bound : 0.0f, CheckedMax{}, sh.fred);
+  const float exact = d.key > -kInf ? (d.x - m) / t + d.g : -kInf;
+  const ArgBest win = block_argbest(ArgBest{exact, d.idx}, sh);
+  *token = win.index;
+  return best > -kInf && fails == 0.0f && worst < 0.25f * kDrawSlack && win.index != INT32_MAX;
+}
+
 // Slice s of S of a greedy row's groups, scanned by block (s, b): rows split across blocks when
 // the batch is too small to fill the GPU. Rows that are finished or not greedy are skipped (their
 // judge scans them itself).
@@ -358,15 +434,31 @@ __device__ Judged block_judge(const DecodeStepArgs& a, const RowRequest& r, RowS
       pos.hidden != nullptr ? block_head_value(a, pos.hidden, s.num_generated, feature_budget(r), sh) : kNaN;
 
   // Pass 1: row check and max; greedy rows also their first argmax and online softmax mass
-  // (from the row's slices when other blocks scanned them: see greedy_parts).
+  // (from the row's slices when other blocks scanned them: see greedy_parts); temperature-only
+  // rows that draw also their draw, when it can be certified (see thread_scan_draw).
   const bool merged = greedy && pos.parts != nullptr && !pos.force_bad;  // uniform across the block
+  const Filter f = row_filter(r, a.V);
+  const float t = row_temperature(r);
+  const uint32_t step = static_cast<uint32_t>(s.num_generated);
+  float shift = kInf;  // thread_scan_draw's r: the first four tokens' max
+  if (!greedy && !f.top_k_on && !f.top_p_on && f.tau_m == -kInf && !pos.force_bad && !pos.spec.on &&
+      plan_step(r, s, false, value).draw) {
+    float x0[4];
+    load_group(row, 0, x0);
+    shift = checked_max(checked_max(x0[0], x0[1]), checked_max(x0[2], x0[3]));
+  }
+  const bool one_pass = !max_is_bad(shift);  // uniform across the block
   ThreadScan ts{-kInf, 0.0f, ArgBest{-kInf, INT32_MAX}};
+  DrawScan ds{-kInf, 0.0f, -kInf, -kInf, 0.0f, 0.0f, INT32_MAX};
   float m = -kInf;
   double gmass = 0.0;
   int32_t garg = INT32_MAX;
   if (merged) {
     const GreedyMerge g = merge_parts(pos.parts, pos.num_parts);
     m = g.max, gmass = g.mass, garg = g.arg;
+  } else if (one_pass) {
+    ds = thread_scan_draw(row, threadIdx.x, num_groups(row), t, shift, r.seed, step);
+    m = block_reduce(ds.max, CheckedMax{}, sh.fred);
   } else {
     if (!pos.force_bad) ts = thread_scan(row, threadIdx.x, num_groups(row), greedy);
     m = block_reduce(ts.max, CheckedMax{}, sh.fred);
@@ -383,9 +475,13 @@ __device__ Judged block_judge(const DecodeStepArgs& a, const RowRequest& r, RowS
     }
     token = p.forcing ? p.forced_token : garg;
     logprob = (load_as_float(row.ptr, token, row.dt) - m) - log_f(static_cast<float>(gmass));
+  } else if (p.emit && one_pass && p.draw &&
+             block_certified_draw(ds, m, t, shift, sh, &token)) {  // the row was read once
+    const float part = ds.max == -kInf ? 0.0f : ds.mass * exp_f((ds.max - m) / t);
+    const double mass = block_reduce(static_cast<double>(part), Plus{}, sh.dred);
+    logprob = (load_as_float(row.ptr, token, row.dt) - m) / t - log_f(static_cast<float>(mass));
   } else if (p.emit) {
-    const float t = row_temperature(r);
-    const Filter f = row_filter(r, a.V);
+    token = -1;
     float tau_k = -kInf, tau_p = -kInf;
     if (f.top_k_on) tau_k = block_radix_select(row, m, t, -kInf, false, f.top_k, 0.0f, sh);
     if (f.top_p_on) tau_p = block_radix_select(row, m, t, tau_k, true, 0, f.top_p, sh);
@@ -394,7 +490,6 @@ __device__ Judged block_judge(const DecodeStepArgs& a, const RowRequest& r, RowS
     const bool draw = p.draw && !speculate;
 
     // Pass 2: kept mass and the Gumbel-max draw.
-    const uint32_t step = static_cast<uint32_t>(s.num_generated);
     float mass_part = 0.0f;
     ArgBest best{-kInf, INT32_MAX};
     for (int64_t g = threadIdx.x; g < num_groups(row); g += kThreads) {
