@@ -51,18 +51,14 @@ def run_generate(args: argparse.Namespace) -> int:
     """``haltkit generate``: load, generate, print the result table (or JSON)."""
     import os
 
-    from . import DraftModel, ExitPolicy, MarginalValueHead, SamplingParams, generate
-    from .drafts import _check_len, as_draft_source
+    from . import ExitPolicy, MarginalValueHead, SamplingParams, generate
+    from .drafts import as_draft_source
 
     model, tok = _load_local(args.model)
     head = MarginalValueHead.load(args.value_head) if args.value_head else None
-    if args.draft is None:
-        draft = None
-    elif os.path.isdir(args.draft):
-        draft = DraftModel(_load_local(args.draft)[0], max_len=args.draft_len)
-    else:  # "ngram" or "layer:L"; anything else raises, saying what is accepted
-        draft = as_draft_source(args.draft)
-        draft.max_len = _check_len(args.draft_len)
+    # A checkpoint directory, else "ngram" or "layer:L" (anything else raises, saying what is accepted).
+    draft = args.draft if args.draft is None or not os.path.isdir(args.draft) else _load_local(args.draft)[0]
+    draft = as_draft_source(draft, max_len=args.draft_len)
     eos = tok.eos_token_id
     exit_tokens = tuple(tok.encode(args.exit_text, add_special_tokens=False)) if args.exit_text else ()
     policy = ExitPolicy(cost_of_time=args.cost_of_time, patience=args.patience, max_new_tokens=args.max_new_tokens,

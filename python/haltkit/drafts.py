@@ -302,28 +302,30 @@ class PromptLookup:
         return tokens, lens, probs
 
 
-def as_draft_source(draft: object) -> object | None:
+def as_draft_source(draft: object, max_len: int = 4) -> object | None:
     """A draft source from ``generate``'s ``draft`` argument.
 
     Accepts a source, None, an ``nn.Module`` (a :class:`DraftModel`), ``"ngram"`` /
     ``"prompt-lookup"`` (a :class:`PromptLookup`) or ``"layer:L"`` (an :class:`EarlyLayerDraft`).
+    ``max_len`` (K, default 4) is that of the source built from a module or a name; a source
+    passed in keeps its own.
 
     Raises:
-        ValueError / TypeError: anything else, saying what is accepted.
+        ValueError / TypeError: anything else, saying what is accepted, or a bad ``max_len``.
     """
     if draft is None or isinstance(draft, (DraftModel, EarlyLayerDraft, PromptLookup)):
         return draft
     if isinstance(draft, nn.Module):
-        return DraftModel(draft)
+        return DraftModel(draft, max_len=max_len)
     if isinstance(draft, str):
         if draft in ("ngram", "prompt-lookup"):
-            return PromptLookup()
+            return PromptLookup(max_len=max_len)
         if draft.startswith("layer:"):
             try:
                 layers = int(draft.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"draft {draft!r}: expected 'layer:L' with an integer L") from None
-            return EarlyLayerDraft(layers)
+            return EarlyLayerDraft(layers, max_len=max_len)
         raise ValueError(f"unknown draft {draft!r}; expected 'ngram', 'prompt-lookup' or 'layer:L'")
     raise TypeError(
         f"draft must be None, an nn.Module, 'ngram', 'layer:L' or a draft source, got {type(draft).__name__}"
