@@ -37,7 +37,7 @@ from ..value_head import HeadWeights, head_forward, step_features
 from .philox import STREAM_TOKEN, gumbel_from_words, random_words
 from .termination import after_step, plan_step
 
-__all__ = ["decode_step", "row_is_bad", "filter_threshold", "scaled_logits", "compact"]
+__all__ = ["decode_step", "head_values", "row_is_bad", "filter_threshold", "scaled_logits", "compact"]
 
 
 def row_is_bad(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,25 @@ def compact(finish_reason: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[:B], running.sum().to(torch.int64)
 
 
+def head_values(
+    hidden: torch.Tensor | None, requests: RequestBatch, state: DecodeState, head: HeadWeights | None
+) -> torch.Tensor:
+    """Step 2 for every row: v = head([h, log1p(n), n / budget]), NaN everywhere without a head.
+
+    Args:
+        hidden: [B, d] float32 | bfloat16 | float16, or None when there is no head.
+        requests, state: [B] each.
+        head: the head's weights, or None.
+
+    Returns:
+        [B] float32.
+    """
+    if head is None:
+        return torch.full((state.batch_size,), math.nan, device=state.num_generated.device)
+    budget = torch.where(requests.thinking_budget > 0, requests.thinking_budget, requests.max_new_tokens)
+    return head_forward(torch.cat([hidden.float(), step_features(state.num_generated, budget)], dim=1), head)
+
+
 def decode_step(
     logits: torch.Tensor,
     hidden: torch.Tensor | None,
@@ -131,20 +150,14 @@ def decode_step(
     Returns:
         A :class:`StepOutput`.
     """
-    B, V = logits.shape
-    dev = logits.device
+    V = logits.shape[1]
     x = logits.float()
     r, s = requests, state
     n = s.num_generated
     running = s.finish_reason == int(Reason.NONE)
 
     # 2. Value, for every row running at the start of the step.
-    budget = torch.where(r.thinking_budget > 0, r.thinking_budget, r.max_new_tokens)
-    if head is not None:
-        feats = torch.cat([hidden.float(), step_features(n, budget)], dim=1)
-        values = head_forward(feats, head)
-    else:
-        values = torch.full((B,), math.nan, device=dev)
+    values = head_values(hidden, r, s, head)
     values = torch.where(running, values, torch.full_like(values, math.nan))
 
     # 1 and 3. Row check, thinking-phase exits, the forced token.

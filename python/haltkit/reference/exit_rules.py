@@ -29,30 +29,11 @@ import torch
 
 from ..params import RequestBatch
 from ..state import DecodeState
-from ..value_head import HeadWeights, head_forward, step_features
+from ..value_head import HeadWeights
+from .decode_step import head_values
 from .termination import after_step, pack_plan, plan_step, unpack_plan
 
-__all__ = ["exit_rules", "head_values"]
-
-
-def head_values(
-    hidden: torch.Tensor | None, requests: RequestBatch, state: DecodeState, head: HeadWeights | None
-) -> torch.Tensor:
-    """The head's value per row, from the hidden state and the step features.
-
-    Args:
-        hidden: [B, d] float32 | bfloat16 | float16, or None when there is no head.
-        requests, state: [B] each.
-        head: the head's weights, or None (then every value is NaN).
-
-    Returns:
-        [B] float32.
-    """
-    if head is None:
-        return torch.full((state.batch_size,), math.nan, device=state.num_generated.device)
-    r = requests
-    budget = torch.where(r.thinking_budget > 0, r.thinking_budget, r.max_new_tokens)
-    return head_forward(torch.cat([hidden.float(), step_features(state.num_generated, budget)], dim=1), head)
+__all__ = ["exit_rules"]
 
 
 def exit_rules(
