@@ -32,6 +32,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
+def _hidden_rows(hidden: torch.Tensor | None, head: HeadWeights | None) -> tuple[torch.Tensor | None, tuple]:
+    """The [B, d] hidden states with unit column stride (kept alive by the caller for the launch)
+    and the launchers' hidden tuple: (ptr, row stride, dtype code, d), zeros without a head."""
+    if head is None:
+        return None, (0, 0, 0, 0)
+    hidden = _rows(hidden)
+    return hidden, (hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
+
+
 def _ptrs(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in tensors)
 
@@ -113,9 +122,7 @@ class NativeBackend:
             out.num_active.zero_()
             return out
         logits = _rows(logits)
-        hidden = None if head is None else _rows(hidden)
-        hid = (0, 0, 0, 0) if hidden is None else (
-            hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
+        hidden, hid = _hidden_rows(hidden, head)
         split, workspace = None, None
         if self.name == "cuda":
             parts = self._parts(B, V, logits.device)
@@ -211,9 +218,7 @@ class NativeBackend:
             return
         if logits.stride(1) != 1 or not plan.is_contiguous():
             raise ValueError("exit_rules: logits rows and the plan must be contiguous (they are written in place)")
-        hidden = None if head is None else _rows(hidden)
-        hid = (0, 0, 0, 0) if hidden is None else (
-            hidden.data_ptr(), hidden.stride(0), DTYPE_CODES[hidden.dtype], hidden.shape[1])
+        hidden, hid = _hidden_rows(hidden, head)
         keep = (plan, token.contiguous(), halt_token.contiguous(), active.contiguous())  # alive for the call
         rules = _ptrs(keep)
         self._launch("exit_rules", logits.device, requests, state, head,
