@@ -571,6 +571,23 @@ void head_values(const DecodeStepArgs& a, const void* const* hidden, const int32
   }
 }
 
+// The head's values of batch rows rows[0 .. count) (count <= kHeadRows) at their current state,
+// into values[rows[i]]: one task of a launcher's head pass, the weights read once for the block.
+[[maybe_unused]] void head_block(const DecodeStepArgs& a, const int64_t* rows, int count, float* values) {
+  const int64_t hsize = a.hidden_dtype == kFloat32 ? 4 : 2;
+  const void* hidden[kHeadRows];
+  int32_t n[kHeadRows], budget[kHeadRows];
+  float out[kHeadRows];
+  for (int i = 0; i < count; ++i) {
+    const int64_t b = rows[i];
+    hidden[i] = static_cast<const char*>(a.hidden) + b * a.hidden_stride * hsize;
+    n[i] = a.num_generated[b];
+    budget[i] = feature_budget(load_request(a, b));
+  }
+  head_values(a, hidden, n, budget, count, out, scratch());
+  for (int i = 0; i < count; ++i) values[rows[i]] = out[i];
+}
+
 // --- one position of one row -------------------------------------------------------------
 
 // Speculative sampling's token at a drafted position (see the verify_step reference): the draft

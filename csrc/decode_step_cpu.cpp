@@ -11,7 +11,7 @@ void decode_step_cpu(const DecodeStepArgs& a, int num_threads) {
   if (a.B < 1 || a.V < 1) throw std::invalid_argument("decode_step: B and V must be >= 1");
   const JudgeFn judge_row = judge_for(a.logits_dtype);
   const GreedyScanFn scan_row_greedy = greedy_scan_for(a.logits_dtype);
-  const int64_t lsize = a.logits_dtype == kFloat32 ? 4 : 2, hsize = a.hidden_dtype == kFloat32 ? 4 : 2;
+  const int64_t lsize = a.logits_dtype == kFloat32 ? 4 : 2;
   auto logits_row = [&](int64_t b) { return static_cast<const char*>(a.logits) + b * a.logits_stride * lsize; };
 
   // First pass: the head, a block of rows per task so its weights are read once per block, and
@@ -36,17 +36,11 @@ void decode_step_cpu(const DecodeStepArgs& a, int num_threads) {
       scanned[task] = 1;
       return;
     }
-    const int64_t blk = -1 - task;
-    const void* rows[kHeadRows];
-    int32_t n[kHeadRows], budget[kHeadRows];
-    const int count = static_cast<int>(std::min<int64_t>(kHeadRows, a.B - blk * kHeadRows));
-    for (int i = 0; i < count; ++i) {
-      const int64_t b = blk * kHeadRows + i;
-      rows[i] = static_cast<const char*>(a.hidden) + b * a.hidden_stride * hsize;
-      n[i] = a.num_generated[b];
-      budget[i] = feature_budget(load_request(a, b));
-    }
-    head_values(a, rows, n, budget, count, values.data() + blk * kHeadRows, scratch());
+    const int64_t first = (-1 - task) * kHeadRows;
+    const int count = static_cast<int>(std::min<int64_t>(kHeadRows, a.B - first));
+    int64_t rows[kHeadRows];
+    for (int i = 0; i < count; ++i) rows[i] = first + i;
+    head_block(a, rows, count, values.data());
   });
   for_each_row(a.B, num_threads, [&](int64_t b) {
     const RowRequest r = load_request(a, b);

@@ -12,7 +12,6 @@ void exit_rules_cpu(const ExitRulesArgs& x, int num_threads) {
   const DecodeStepArgs& a = x.step;
   if (a.B < 1 || a.V < 1) throw std::invalid_argument("exit_rules: B and V must be >= 1");
   if (a.logits_dtype != kFloat32) throw std::invalid_argument("exit_rules: logits must be float32");
-  const int64_t hsize = a.hidden_dtype == kFloat32 ? 4 : 2;
 
   std::vector<int64_t> consult;  // rows whose plan reads the head's value
   for (int64_t b = 0; b < a.B; ++b) {
@@ -27,18 +26,8 @@ void exit_rules_cpu(const ExitRulesArgs& x, int num_threads) {
   std::vector<float> values(static_cast<size_t>(a.B), kNaN);
   const int64_t n = static_cast<int64_t>(consult.size());
   for_each_row((n + kHeadRows - 1) / kHeadRows, num_threads, [&](int64_t blk) {
-    const void* rows[kHeadRows];
-    int32_t gen[kHeadRows], budget[kHeadRows];
-    float out[kHeadRows];
-    const int count = static_cast<int>(std::min<int64_t>(kHeadRows, n - blk * kHeadRows));
-    for (int i = 0; i < count; ++i) {
-      const int64_t b = consult[static_cast<size_t>(blk * kHeadRows + i)];
-      rows[i] = static_cast<const char*>(a.hidden) + b * a.hidden_stride * hsize;
-      gen[i] = a.num_generated[b];
-      budget[i] = feature_budget(load_request(a, b));
-    }
-    head_values(a, rows, gen, budget, count, out, scratch());
-    for (int i = 0; i < count; ++i) values[static_cast<size_t>(consult[static_cast<size_t>(blk * kHeadRows + i)])] = out[i];
+    const int64_t first = blk * kHeadRows;
+    head_block(a, consult.data() + first, static_cast<int>(std::min<int64_t>(kHeadRows, n - first)), values.data());
   });
 
   for_each_row(a.B, num_threads, [&](int64_t b) {
