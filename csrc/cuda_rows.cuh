@@ -1,5 +1,5 @@
-// The CUDA launchers' row machinery (decode_step.cu, verify_step.cu): one thread block judges
-// one position of one row, then one small block compacts the batch.
+// The CUDA launchers' row machinery (decode_step.cu, verify_step.cu, exit_rules.cu): one thread
+// block judges one position of one row, then one small block compacts the batch.
 //
 // A position reads its logits in groups of four tokens (one Philox block; a 16-byte load for fp32
 // rows whose start is 16-byte aligned): once for the row check and max (greedy rows also take
@@ -7,13 +7,13 @@
 // certified Gumbel-max draw, see thread_scan_draw, so both read the row once), once per radix
 // level for top-k / top-p, and once for the kept mass and the Gumbel-max draw, where a group
 // skips its Philox and logs when its best z plus the largest possible noise cannot beat the
-// thread's best score. Repeat passes hit L2. Summation orders differ from the host build, so values and log-probs agree
-// within tolerance; tokens, termination and compaction are exact.
+// thread's best score. Repeat passes hit L2. Summation orders differ from the host build, so
+// values and log-probs agree within tolerance; tokens, termination and compaction are exact.
 //
 // Grids: at large B, at most one resident wave of blocks, each taking rows in a grid-stride loop
 // (row_grid); at small B, decode_step first splits each greedy row's single pass over several
-// blocks (greedy_parts), and the row's judge merges the slices. Sampled rows, whose threshold
-// searches read the row several times, are not split yet.
+// blocks (greedy_parts, in decode_step.cu), and the row's judge merges the slices. Sampled rows,
+// whose threshold searches read the row several times, are not split yet.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -112,6 +112,11 @@ __device__ __forceinline__ void load_group(const Row& row, int64_t g, float x[4]
 }
 
 __device__ __forceinline__ int64_t num_groups(const Row& row) { return (row.V + 3) / 4; }
+
+// A logits row of the step (fp32 rows whose start is 16-byte aligned load whole groups at once).
+__device__ __forceinline__ Row logits_row(const DecodeStepArgs& a, const void* ptr) {
+  return Row{ptr, a.V, a.logits_dtype, a.logits_dtype == kFloat32 && (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0};
+}
 
 // --- the value head --------------------------------------------------------------------------
 
@@ -383,24 +388,6 @@ __device__ bool block_certified_draw(const DrawScan& d, float m, float t, float 
   return best > -kInf && fails == 0.0f && worst < 0.25f * kDrawSlack && win.index != INT32_MAX;
 }
 
-// Slice s of S of a greedy row's groups, scanned by block (s, b): rows split across blocks when
-// the batch is too small to fill the GPU. Rows that are finished or not greedy are skipped (their
-// judge scans them itself).
-__global__ void __launch_bounds__(kThreads, 1) greedy_parts(const DecodeStepArgs a) {
-  __shared__ Shared sh;
-  const int64_t b = blockIdx.y, S = gridDim.x, s = blockIdx.x;
-  if (a.finish_reason[b] != kNone || a.temperature[b] != 0.0f) return;  // uniform across the block
-  const void* ptr = static_cast<const char*>(a.logits) + b * a.logits_stride * (a.logits_dtype == kFloat32 ? 4 : 2);
-  const Row row{ptr, a.V, a.logits_dtype, a.logits_dtype == kFloat32 && (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0};
-  const int64_t G = num_groups(row), per = (G + S - 1) / S;
-  const int64_t g1 = (s + 1) * per < G ? (s + 1) * per : G;
-  const ThreadScan t = thread_scan(row, s * per + threadIdx.x, g1, /*greedy=*/true);
-  const float m = block_reduce(t.max, CheckedMax{}, sh.fred);
-  const double mass = block_reduce(static_cast<double>(thread_mass(t, m)), Plus{}, sh.dred);
-  const ArgBest best = block_argbest(t.arg, sh);
-  if (threadIdx.x == 0) a.parts[b * S + s] = GreedyPart{m, best.index, mass};
-}
-
 struct GreedyMerge {
   float max;
   double mass;
@@ -428,8 +415,7 @@ __device__ Judged block_judge(const DecodeStepArgs& a, const RowRequest& r, RowS
                               Shared& sh) {
   if (s.finish_reason != kNone) return Judged{-1, kNaN, kNaN};  // uniform across the block
   const bool greedy = r.temperature == 0.0f;
-  const Row row{pos.logits, a.V, a.logits_dtype,
-                a.logits_dtype == kFloat32 && (reinterpret_cast<uintptr_t>(pos.logits) & 15u) == 0};
+  const Row row = logits_row(a, pos.logits);
   const float value =
       pos.hidden != nullptr ? block_head_value(a, pos.hidden, s.num_generated, feature_budget(r), sh) : kNaN;
 

@@ -7,13 +7,34 @@
 namespace hk {
 namespace {
 
+__device__ __forceinline__ const void* row_logits(const DecodeStepArgs& a, int64_t b) {
+  return static_cast<const char*>(a.logits) + b * a.logits_stride * (a.logits_dtype == kFloat32 ? 4 : 2);
+}
+
+// Slice s of S of a greedy row's groups, scanned by block (s, b): rows split across blocks when
+// the batch is too small to fill the GPU. Rows that are finished or not greedy are skipped (their
+// judge scans them itself).
+__global__ void __launch_bounds__(kThreads, 1) greedy_parts(const DecodeStepArgs a) {
+  __shared__ Shared sh;
+  const int64_t b = blockIdx.y, S = gridDim.x, s = blockIdx.x;
+  if (a.finish_reason[b] != kNone || a.temperature[b] != 0.0f) return;  // uniform across the block
+  const Row row = logits_row(a, row_logits(a, b));
+  const int64_t G = num_groups(row), per = (G + S - 1) / S;
+  const int64_t g1 = (s + 1) * per < G ? (s + 1) * per : G;
+  const ThreadScan t = thread_scan(row, s * per + threadIdx.x, g1, /*greedy=*/true);
+  const float m = block_reduce(t.max, CheckedMax{}, sh.fred);
+  const double mass = block_reduce(static_cast<double>(thread_mass(t, m)), Plus{}, sh.dred);
+  const ArgBest best = block_argbest(t.arg, sh);
+  if (threadIdx.x == 0) a.parts[b * S + s] = GreedyPart{m, best.index, mass};
+}
+
 __global__ void __launch_bounds__(kThreads, 1) decode_step_rows(const DecodeStepArgs a) {
   __shared__ Shared sh;
   for (int64_t b = blockIdx.x; b < a.B; b += gridDim.x) {  // persistent grid: see row_grid
     const RowRequest r = load_request(a, b);
     RowState s = load_state(a, b);
     Position pos{};
-    pos.logits = static_cast<const char*>(a.logits) + b * a.logits_stride * (a.logits_dtype == kFloat32 ? 4 : 2);
+    pos.logits = row_logits(a, b);
     pos.hidden = a.hidden == nullptr ? nullptr
                  : static_cast<const char*>(a.hidden) + b * a.hidden_stride * (a.hidden_dtype == kFloat32 ? 4 : 2);
     if (a.num_parts > 1) pos.parts = a.parts + b * a.num_parts, pos.num_parts = a.num_parts;
