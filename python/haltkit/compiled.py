@@ -42,7 +42,6 @@ def compile_seconds_since(mark: float) -> float:
     return _COMPILE_SECONDS[0] - mark
 
 
-
 class CompiledRunner(ModelRunner):
     """A pooled runner whose forwards run compiled; one per (model, batch bucket, capacity)."""
 

@@ -323,7 +323,6 @@ class ModelRunner:
         return self
 
 
-
 def logits_and_hidden(runner: ModelRunner, input_ids: torch.Tensor, positions: torch.Tensor):
     """The plain step: logits [P, q, V] and final hidden states [P, q, d]."""
     return runner.forward_at(input_ids, positions)
