@@ -96,6 +96,13 @@ def copy_bandwidth(device: torch.device, mib: int | None = None) -> float:
     return 2 * n / (statistics.median(runs) * 1e-6)
 
 
+def read_bandwidth(device: torch.device, mib: int = 256) -> float:
+    """Bytes read per second by a single pass (a sum) over a large buffer, median of 10 after warm-up."""
+    src = torch.ones((mib << 20) // 4, dtype=torch.float32, device=device)
+    runs = [_time_once(src.sum, device) for _ in range(12)][2:]
+    return src.numel() * 4 / (statistics.median(runs) * 1e-6)
+
+
 def machine_info(device: torch.device) -> dict:
     """Machine, library versions and load: what a reader needs to weigh the numbers."""
     info = {

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import decode_step as bench
-from common import copy_bandwidth, machine_info, time_interleaved, write_results
+from common import copy_bandwidth, machine_info, read_bandwidth, time_interleaved, write_results
 from haltkit.backends import backend_module
 from haltkit.reference.decode_step import decode_step as reference_decode_step
 
@@ -37,22 +37,11 @@ MODES = {**bench.MODES, "top_k": dict(temperature=0.8, top_k=50)}
 B, V = 64, 151936
 
 
-def read_bandwidth(mib: int = 256) -> float:
-    """Bytes read per second by a single pass over a buffer (median of 10 sums after warm-up)."""
-    src = torch.ones((mib << 20) // 4, dtype=torch.float32)
-    runs = []
-    for _ in range(12):
-        t0 = time.perf_counter()
-        src.sum()
-        runs.append(time.perf_counter() - t0)
-    return src.numel() * 4 / statistics.median(runs[2:])
-
-
 def measure(threads: int, reps: int, budget: float, compiled, gen: torch.Generator) -> tuple[dict, list[dict]]:
     """Bandwidths and every mode's timings with ``threads`` torch threads (the cpu backend uses as many)."""
     torch.set_num_threads(threads)
     dev = torch.device("cpu")
-    copy_bw, read_bw = copy_bandwidth(dev), read_bandwidth()
+    copy_bw, read_bw = copy_bandwidth(dev), read_bandwidth(dev)
     rows = []
     for mode in MODES:
         inp = bench.make_inputs(mode, B, V, torch.float32, dev, gen)
