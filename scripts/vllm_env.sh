@@ -50,8 +50,8 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 echo "$PWD/python" >"$SITE/haltkit-worktree.pth"
 if [[ "${1:-}" == "test" ]]; then
     shift
-    # The pytest script, not `python -m pytest`: the latter puts the work tree on sys.path, where
-    # kernels/ shadows the `kernels` package that transformers probes for.
+    # The pytest script, not `python -m pytest`: the latter would put the work tree's root on
+    # sys.path, and the tests must import haltkit the way a user's vLLM does, through the .pth.
     exec "$VENV/bin/pytest" -q -p no:cacheprovider tests/vllm "$@"
 fi
 echo "$VENV"

@@ -1,16 +1,9 @@
 """Shared test configuration: Triton on CPU, per-dtype tolerances, the GPU marker."""
 
 import os
-import sys
 
 import pytest
 import torch
-
-# `python -m pytest` puts the repo root on sys.path, where kernels/ (installed as haltkit.kernels)
-# would shadow the top-level name `kernels` that transformers probes for its hub-kernels
-# integration, and importing transformers fails. haltkit is imported from its installed location.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU; this must be
 # set before triton is first imported.
