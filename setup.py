@@ -29,7 +29,8 @@ def _nvcc() -> str | None:
 
 
 class CMakeBuild(build_ext):
-    """Runs CMakeLists.txt once (haltkit._cpu always, haltkit._C where nvcc exists) and puts each
+    """Runs CMakeLists.txt once (haltkit._cpu always, haltkit._C where nvcc exists, haltkit._cuda_emu
+    unless HALTKIT_CUDA_EMU=OFF) and puts each
     module where setuptools expects it, for ``pip install .`` and ``pip install -e .`` alike."""
 
     def build_extension(self, ext: Extension) -> None:
@@ -37,8 +38,8 @@ class CMakeBuild(build_ext):
         built = sorted(out.glob(ext.target + ".*.so"))
         if not built:
             if ext.optional:
-                print(f"haltkit: {ext.name} was not built (no nvcc found, or HALTKIT_CUDA=OFF); "
-                      "the cpu, triton and torch backends are unaffected")
+                why = ("HALTKIT_CUDA_EMU=OFF" if ext.target == "_cuda_emu" else "no nvcc found, or HALTKIT_CUDA=OFF")
+                print(f"haltkit: {ext.name} was not built ({why}); the cpu, triton and torch backends are unaffected")
                 return
             raise RuntimeError(f"CMake did not produce {ext.target} in {out}")
         dest = Path(self.get_ext_fullpath(ext.name))
@@ -66,7 +67,7 @@ class CMakeBuild(build_ext):
         out = build / "modules"
         args = [f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}", f"-DPython_EXECUTABLE={sys.executable}",
                 f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release"]
-        for var in ("HALTKIT_CPU_FLAGS", "HALTKIT_CUDA_ARCHS", "HALTKIT_CUDA"):
+        for var in ("HALTKIT_CPU_FLAGS", "HALTKIT_CUDA_ARCHS", "HALTKIT_CUDA", "HALTKIT_CUDA_EMU"):
             if os.environ.get(var):
                 args.append(f"-D{var}={os.environ[var]}")
         nvcc = _nvcc()
@@ -107,11 +108,15 @@ setup(
         # pybind11 builds the sanitizer variant of haltkit._cpu; cuobjdump checks haltkit._C's archs.
         "test": ["pytest>=8", "pytest-xdist", "hypothesis", "triton>=3.0", "numpy", "scipy", "transformers>=4.56",
                  "pybind11>=2.11", "nvidia-cuda-cuobjdump"],
-        # The toy models, train-toy and train-head run on Hugging Face Llama; bench plots need matplotlib.
+        # The toy models, train-toy and train-head run on Hugging Face Llama; bench plots need matplotlib;
+        # bench/e2e_real.py loads SmolLM2's GGUF weights through transformers (gguf, accelerate).
         "toy": ["transformers>=4.56"],
-        "bench": ["transformers>=4.56", "matplotlib"],
+        "bench": ["transformers>=4.56", "matplotlib", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["haltkit=haltkit.cli:main"]},
-    ext_modules=[CMakeExtension("haltkit._cpu", "_cpu"), CMakeExtension("haltkit._C", "_C", optional=True)],
+    # haltkit._cuda_emu: the CUDA kernels' sources over a host emulation, which the tests run on
+    # CPU tensors (HALTKIT_CUDA_EMU=OFF skips it).
+    ext_modules=[CMakeExtension("haltkit._cpu", "_cpu"), CMakeExtension("haltkit._C", "_C", optional=True),
+                 CMakeExtension("haltkit._cuda_emu", "_cuda_emu", optional=True)],
     cmdclass={"build_ext": CMakeBuild},
 )
