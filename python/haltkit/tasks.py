@@ -1,4 +1,4 @@
-"""Verifiable reasoning tasks: generated chain sums of graded difficulty, and a JSONL adapter.
+"""Verifiable reasoning tasks: generated chain sums of graded difficulty, JSONL task files, verifiers.
 
 A task turns a :class:`Problem` into text the toy models read and write::
 
@@ -42,6 +42,12 @@ __all__ = [
     "trace_text",
     "forced_exit_text",
     "parse_answer",
+    "parse_number",
+    "parse_choice",
+    "make_verifier",
+    "extract_answer",
+    "chain_sum_jsonl",
+    "VERIFIERS",
 ]
 
 #: Difficulty level -> (number of terms (lo, hi), largest term). Difficulty grows with the
@@ -65,6 +71,7 @@ class Problem:
     answer: str
     difficulty: int = 0
     terms: tuple[int, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()  # a chat's (role, content) turns; () for a plain prompt
 
 
 @dataclass(frozen=True)
@@ -209,52 +216,178 @@ class ChainSum:
         return Trace("".join(w.parts), supported, pos)
 
 
-class JsonlTask:
-    """Prompt / answer pairs from a JSONL file (GSM8K style), with a numeric or exact verifier.
+#: The built-in verifiers (a ``module:function`` string names a user's callable instead).
+VERIFIERS = ("numeric", "exact", "choice", "regex")
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
 
-    Each line is ``{"prompt": ..., "answer": ...}`` (other keys are ignored). The numeric
-    verifier compares the last number in the model's answer with the expected number (commas
-    dropped, ``abs diff <= 1e-6 * max(1, |expected|)``); the exact verifier compares stripped text.
+
+def parse_number(text: str) -> float | None:
+    """The number an answer states, tolerant of formatting; None when it states none.
+
+    Takes the content of the last ``\\boxed{...}`` if any, else the whole text; drops thousands
+    separators, ``$``, ``%`` and LaTeX spacing; reads the last number (``3/4`` as a fraction,
+    ``1e3`` in scientific notation).
+
+    Example:
+        >>> parse_number("so the total is $1,234.50.")
+        1234.5
+    """
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        text = boxed[-1]
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text).replace("$", "").replace("\\,", "").replace("\\!", "")
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    tok = found[-1].replace(" ", "")
+    try:
+        if "/" in tok:
+            num, den = tok.split("/")
+            x = float(num) / float(den) if float(den) != 0 else math.nan
+        else:
+            x = float(tok)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def parse_choice(text: str) -> str | None:
+    """The multiple-choice letter (A to J) an answer states, or None.
+
+    A bare letter (``"B"``, ``"(B)"``, ``"B."``) wins; else ``answer is (B)`` / ``answer: B``;
+    else the first standalone capital letter A-J (not the pronoun "I" before a lowercase word).
+    """
+    t = text.strip()
+    m = re.fullmatch(r"\(?([A-J])\)?[.:)]?", t)
+    if m is None:
+        m = re.search(r"answer\s*(?:is|:)?\s*\(?([A-J])\b", t, flags=re.IGNORECASE)
+    if m is None:
+        m = re.search(r"\b([A-J])\b(?<!\bI(?=\s+[a-z]))", t)  # not the pronoun of "I think"
+    return m.group(1).upper() if m else None
+
+
+def make_verifier(spec: str):
+    """A verifier ``f(problem, answer_text) -> float`` in [0, 1] from its name.
+
+    Args:
+        spec: "numeric" (numbers equal within 1e-6 relative, see :func:`parse_number`), "exact"
+            (stripped text equal), "choice" (the same letter, see :func:`parse_choice`), "regex"
+            (the expected answer is a regular expression searched in the answer text), or
+            "package.module:function", a user's callable taking ``(answer_text, problem)`` and
+            returning a bool or a float in [0, 1].
+    Raises:
+        ValueError: an unknown name, a module that does not import, or a missing function.
+    """
+    if spec == "numeric":
+        def numeric(problem, answer):
+            got, want = parse_number(answer), parse_number(problem.answer)
+            return float(got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want)))
+        return numeric
+    if spec == "exact":
+        return lambda problem, answer: float(answer.strip() == problem.answer.strip())
+    if spec == "choice":
+        return lambda problem, answer: float(parse_choice(answer) == parse_choice(problem.answer) is not None)
+    if spec == "regex":
+        return lambda problem, answer: float(re.search(problem.answer, answer) is not None)
+    if ":" in spec:
+        import importlib
+
+        mod_name, fn_name = spec.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"verifier {spec!r}: cannot load {fn_name!r} from module {mod_name!r} ({e})") from e
+        if not callable(fn):
+            raise ValueError(f"verifier {spec!r}: {fn_name!r} is not callable")
+        return lambda problem, answer: float(fn(answer, problem))
+    raise ValueError(f"verifier must be one of {VERIFIERS} or 'module:function', got {spec!r}")
+
+
+class JsonlTask:
+    """Verifiable tasks from a JSONL file: one JSON object per line.
+
+    A row is ``{"prompt": str, "answer": str, "level": int (optional)}`` or, for a chat,
+    ``{"messages": [{"role": ..., "content": ...}, ...], "answer": ..., "level": ...}``; other
+    keys are ignored. The prompt is the user's text only: the model's chat template and
+    thinking tag are added by :mod:`haltkit.train.conventions`.
 
     Args:
         path: the JSONL file.
-        verifier: "numeric" or "exact". Default "numeric".
+        verifier: see :func:`make_verifier`. Default "numeric".
     Raises:
-        ValueError: naming the line of a malformed record, or an unknown verifier.
+        ValueError: naming the file and line of a malformed record, or an unknown verifier.
     """
 
     name = "jsonl"
 
     def __init__(self, path: str | os.PathLike, verifier: str = "numeric") -> None:
-        if verifier not in ("numeric", "exact"):
-            raise ValueError(f"verifier must be 'numeric' or 'exact', got {verifier!r}")
         self.verifier = verifier
+        self._verify = make_verifier(verifier)
+        self.path = os.fspath(path)
         self.problems: list[Problem] = []
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{lineno}"
                 try:
                     rec = json.loads(line)
-                    prompt, answer = rec["prompt"], rec["answer"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' and 'answer' ({e})") from e
-                if verifier == "numeric" and _last_number(str(answer)) is None:
-                    raise ValueError(f"{path}:{lineno}: answer {answer!r} has no number for the numeric verifier")
-                self.problems.append(Problem(str(prompt), str(answer).strip()))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not JSON ({e})") from e
+                if not isinstance(rec, dict) or "answer" not in rec or ("prompt" in rec) == ("messages" in rec):
+                    got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                    raise ValueError(f"{where}: expected an object with 'answer' and one of 'prompt' or 'messages', "
+                                     f"got {got}")
+                messages: tuple = ()
+                if "messages" in rec:
+                    msgs = rec["messages"]
+                    if (not isinstance(msgs, list) or not msgs
+                            or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)):
+                        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+                    messages = tuple((str(m["role"]), str(m["content"])) for m in msgs)
+                    prompt = messages[-1][1]
+                else:
+                    prompt = rec["prompt"]
+                    if not isinstance(prompt, str) or not prompt:
+                        raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+                level = rec.get("level", 0)
+                if not isinstance(level, int) or isinstance(level, bool):
+                    raise ValueError(f"{where}: 'level' must be an integer, got {level!r}")
+                answer = str(rec["answer"]).strip()
+                if verifier == "numeric" and parse_number(answer) is None:
+                    raise ValueError(f"{where}: answer {answer!r} has no number for the numeric verifier")
+                if verifier == "choice" and parse_choice(answer) is None:
+                    raise ValueError(f"{where}: answer {answer!r} is not a choice letter A-J")
+                self.problems.append(Problem(str(prompt), answer, level, (), messages))
 
     def verify(self, problem: Problem, answer: str) -> float:
-        """1.0 when ``answer`` matches the expected one under this task's verifier, else 0.0."""
-        if self.verifier == "exact":
-            return float(answer.strip() == problem.answer)
-        got, want = _last_number(answer), _last_number(problem.answer)
-        return float(got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want)))
+        """The verifier's score of ``answer`` (the text after the exit text) for ``problem``."""
+        return float(self._verify(problem, answer))
 
 
-def _last_number(text: str) -> float | None:
-    found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
-    if not found:
-        return None
-    x = float(found[-1])
-    return x if math.isfinite(x) else None
+def chain_sum_jsonl(path: str | os.PathLike, count: int, seed: int, held_out: bool = False,
+                    template: bool = False) -> list[Problem]:
+    """Write ``count`` chain sums (levels cycling 1..5) as a JSONL task file; returns the problems.
 
+    Args:
+        held_out: draw from the evaluation split (see :func:`is_held_out`) instead of training.
+        template: write the toy's raw prompt (``Q:...<think>``) instead of the bare question.
+    """
+    rng, task, levels = random.Random(seed), ChainSum(), sorted(DIFFICULTIES)
+    problems = [task.sample(rng, levels[i % len(levels)], held_out=held_out) for i in range(count)]
+    with open(path, "w", encoding="utf-8") as f:
+        for p in problems:
+            prompt = prompt_text(p) if template else p.question
+            f.write(json.dumps({"prompt": prompt, "answer": p.answer, "level": p.difficulty}) + "\n")
+    return problems
+
+
+def extract_answer(text: str, exit_text: str = "", stop: tuple[str, ...] = ()) -> str:
+    """The answer in generated text: what follows the first ``exit_text`` (all of ``text`` when
+    it holds none), cut at the first of ``stop`` (EOS strings), stripped."""
+    if exit_text and exit_text in text:
+        text = text.split(exit_text, 1)[1]
+    for s in stop:
+        if s and s in text:
+            text = text.split(s, 1)[0]
+    return text.strip()
