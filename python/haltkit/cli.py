@@ -1,4 +1,5 @@
-"""The ``haltkit`` command line: ``demo``, ``generate``, ``backends``, ``train-toy``, ``train-head``."""
+"""The ``haltkit`` command line: ``demo``, ``generate``, ``backends``, ``train-toy``, ``train-head``,
+``eval-exits``."""
 
 from __future__ import annotations
 
@@ -40,26 +41,99 @@ def _train_toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_head(args: argparse.Namespace) -> int:
+def _task_and_problems(args: argparse.Namespace, held_out: bool = False):
+    """The task, its problems and the manifest's name for it, from ``--jsonl`` or the chain sums."""
     from .tasks import ChainSum, JsonlTask
+    from .train.head import sample_problems
+    from .train.pipeline import file_hash
+
+    if args.jsonl:
+        task = JsonlTask(args.jsonl, args.verifier)
+        problems = task.problems[: args.prompts] if args.prompts else task.problems
+        return task, problems, {"file": file_hash(args.jsonl), "verifier": args.verifier}
+    task = ChainSum()
+    problems = sample_problems(task, args.prompts or 1000, args.seed, held_out=held_out)
+    return task, problems, {"builtin": "chain_sum", "seed": args.seed, "held_out": held_out}
+
+
+def _conventions(args: argparse.Namespace) -> dict:
+    out = {"chat_template": args.chat_template}
+    for name in ("think_open", "think_close", "exit_text"):
+        v = getattr(args, name)
+        if v is not None:
+            out[name] = v.encode().decode("unicode_escape")  # "\n\n" on a command line means two newlines
+    if args.eos_id:
+        out["eos_ids"] = tuple(args.eos_id)
+    if not args.jsonl and args.chat_template == "auto":  # the built-in chain sums: the toy's layout
+        from .train.toy import TOY_CHAT_TEMPLATE
+
+        out["chat_template"] = TOY_CHAT_TEMPLATE
+        out.setdefault("exit_text", "</think>A:")
+    return out
+
+
+def _train_head(args: argparse.Namespace) -> int:
     from .train.head import HeadTrainConfig, run_train_head
+    from .train.pipeline import RolloutConfig
 
     torch.set_num_threads(args.threads)
-    task = JsonlTask(args.jsonl, args.verifier) if args.jsonl else ChainSum()
     if args.model is None:
         from .models import toy_dir
 
         args.model = str(toy_dir() / "target")
+    task, problems, task_id = _task_and_problems(args)
+    rc = RolloutConfig(every=args.every, max_think=args.max_think, max_answer=args.max_answer,
+                       temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                       probe_batch=args.probe_batch)
     cfg = HeadTrainConfig(hidden=args.hidden, seed=args.seed)
-    metrics = run_train_head(args.model, args.out, task, args.prompts, args.every, args.max_think, cfg, sys.stdout,
-                             args.worker, args.workers)
-    if metrics is None:
-        print(f"worker {args.worker}/{args.workers}: rollout shards collected; run with --workers 1 to fit the head")
-        return 0
+    metrics, status = run_train_head(args.model, args.out, task, problems, task_id, rc, cfg, _conventions(args),
+                                     args.gguf_file, args.val_frac, args.test_frac, args.restart, sys.stdout,
+                                     progress=not args.no_progress)
     val = metrics["val"]
-    print(f"val mse {val['mse']:.3g} (target variance {val['target_var']:.3g}), "
+    print(f"rollout accuracy {metrics['rollout_accuracy']:.3f} over {sum(metrics['split'].values())} prompts "
+          f"(split {metrics['split']})")
+    print(f"val mse {val['mse']:.3g} (constant predictor {val['mse_constant']:.3g}), "
           f"AUROC(stop loses nothing) {val['auroc_stop_loses_nothing']:.3f}, best epoch {metrics['best_epoch']}")
+    t = metrics["test"]
+    print(f"test: no exit accuracy {t['no_exit']['accuracy']:.3f} at {t['no_exit']['think_tokens']:.1f} think tokens")
+    for name in ("no_loss", "within_1pt"):
+        if name in t:
+            print(f"test: {name} (lambda {t[name]['cost_of_time']:.4g}, patience {t[name]['patience']}): accuracy "
+                  f"{t[name]['accuracy']:.3f} at {t[name]['think_tokens']:.1f} think tokens")
+    if status != 0:
+        print("quality gate: the head is UNFIT, written as " + metrics["head_file"] + ":\n  "
+              + "\n  ".join(metrics["fit"]["reasons"]), file=sys.stderr)
+    else:
+        print("head written to " + metrics["head_file"])
+    return status
+
+
+def _eval_exits(args: argparse.Namespace) -> int:
+    from .train.evaluate import eval_exits
+
+    torch.set_num_threads(args.threads)
+    task, problems, _ = _task_and_problems(args, held_out=True)
+    result = eval_exits(args.model, args.value_head, task, problems, args.out, gguf_file=args.gguf_file,
+                        every=args.every, batch_size=args.batch_size, progress=not args.no_progress)
+    print(result["markdown"])
+    print(f"written: {result['files']}")
     return 0
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    from .tasks import VERIFIERS
+
+    p.add_argument("--jsonl", default=None, help="a JSONL task file: {prompt|messages, answer, level?} per line "
+                   "(default: the built-in chain sums)")
+    p.add_argument("--verifier", default="numeric",
+                   help=f"one of {', '.join(VERIFIERS)}, or module:function (a callable (answer, problem) -> score)")
+    p.add_argument("--prompts", type=int, default=None, help="use the first N problems (chain sums: how many)")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --model (needs the gguf package)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--every", type=int, default=2, help="probe spacing in think tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,20 +159,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     toy.add_argument("--threads", type=int, default=2)
     toy.add_argument("--log", default=None, help="JSON-lines progress file (default stdout)")
     toy.set_defaults(func=_train_toy)
-    th = sub.add_parser("train-head", help="roll out a model with forced answers and fit the value head")
+    th = sub.add_parser("train-head", help="roll out a model with forced answers, fit and calibrate the value head")
     th.add_argument("--out", required=True, help="output directory (rollouts/, head.safetensors, head_metrics.json)")
     th.add_argument("--model", default=None, help="a Hugging Face model directory (default: the shipped toy target)")
-    th.add_argument("--jsonl", default=None, help="a JSONL of prompt/answer pairs instead of the built-in chain sums")
-    th.add_argument("--verifier", default="numeric", choices=["numeric", "exact"])
-    th.add_argument("--prompts", type=int, default=1000)
-    th.add_argument("--every", type=int, default=2, help="checkpoint spacing s in think tokens")
+    _add_task_args(th)
+    th.add_argument("--chat-template", default="auto",
+                    help="'auto' (the tokenizer's, if any), 'none', or a Jinja template source")
+    th.add_argument("--think-open", default=None, help="text that opens thinking (default <think> if a token)")
+    th.add_argument("--think-close", default=None, help="the one token that closes thinking (default </think>)")
+    th.add_argument("--exit-text", default=None, help="forced at an exit (default: think-close + '\\n\\n')")
+    th.add_argument("--eos-id", type=int, action="append", default=None, help="EOS id (repeat; default: the "
+                    "generation config's)")
     th.add_argument("--max-think", type=int, default=320, help="thinking budget of the rollouts")
+    th.add_argument("--max-answer", type=int, default=16, help="answer tokens read per probe")
+    th.add_argument("--temperature", type=float, default=0.0, help="think-phase sampling (0: greedy); rollout i "
+                    "samples with seed --seed + i")
+    th.add_argument("--probe-batch", type=int, default=64, help="forced-answer probes per forward")
     th.add_argument("--hidden", type=int, default=32, help="head MLP width (0 = linear)")
-    th.add_argument("--seed", type=int, default=0)
-    th.add_argument("--threads", type=int, default=2)
-    th.add_argument("--worker", type=int, default=0, help="this process's share of the rollout shards")
-    th.add_argument("--workers", type=int, default=1, help="processes sharing the rollouts (1: also fit the head)")
+    th.add_argument("--val-frac", type=float, default=0.15, help="questions for early stopping and calibration")
+    th.add_argument("--test-frac", type=float, default=0.15, help="questions for the reported figures")
+    th.add_argument("--restart", action="store_true", help="discard stored rollouts made with other settings")
     th.set_defaults(func=_train_head)
+    ev = sub.add_parser("eval-exits", help="accuracy against think tokens: the head across lambda, fixed budgets, "
+                        "no exit and the oracle (table + PNG)")
+    ev.add_argument("--model", required=True, help="a Hugging Face model directory")
+    ev.add_argument("--value-head", required=True, help="a head written by train-head")
+    ev.add_argument("--out", required=True, help="directory for eval_exits.{json,md,png}")
+    _add_task_args(ev)
+    ev.set_defaults(func=_eval_exits)
     args = parser.parse_args(argv)
     return args.func(args)
 

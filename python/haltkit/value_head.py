@@ -9,12 +9,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MarginalValueHead", "HeadWeights", "step_features", "NUM_STEP_FEATURES"]
+__all__ = ["MarginalValueHead", "HeadWeights", "step_features", "NUM_STEP_FEATURES", "load_value_head"]
 
 #: Step features appended to the hidden state: log1p(tokens so far) and budget fraction used.
 NUM_STEP_FEATURES = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FORMAT = "haltkit.MarginalValueHead/1"
+#: The safetensors metadata key of what travels with a trained head (see :meth:`MarginalValueHead.exit_defaults`).
+META_KEY = "haltkit.head_meta"
 
 
 class HeadWeights(NamedTuple):
@@ -101,6 +103,9 @@ class MarginalValueHead(nn.Module):
             self.w1.uniform_(-(fan_in**-0.5), fan_in**-0.5)
             if hidden > 0:
                 self.w2.uniform_(-(hidden**-0.5), hidden**-0.5)
+        #: What travels with a trained head (model identity, exit tokens, operating points, metrics),
+        #: or None for a bare head; written by ``haltkit train-head``, read by every entry point.
+        self.meta: dict | None = None
 
     @property
     def is_mlp(self) -> bool:
@@ -135,7 +140,7 @@ class MarginalValueHead(nn.Module):
         return f"d_model={self.d_model}, {kind}, dtype={self.w1.dtype}"
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the head to a safetensors file (weights plus shape metadata)."""
+        """Write the head to a safetensors file (weights, shape and :attr:`meta` as metadata)."""
         from safetensors.torch import save_file
 
         meta = {
@@ -144,6 +149,8 @@ class MarginalValueHead(nn.Module):
                 {"d_model": self.d_model, "hidden": self.hidden, "dtype": str(self.w1.dtype)[6:]}
             ),
         }
+        if self.meta is not None:
+            meta[META_KEY] = json.dumps(self.meta)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.fspath(path), metadata=meta)
 
@@ -164,7 +171,93 @@ class MarginalValueHead(nn.Module):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         head = cls(cfg["d_model"], cfg["hidden"], dtype=_DTYPES[cfg["dtype"]], device=device)
         head.load_state_dict(tensors)
+        head.meta = json.loads(meta[META_KEY]) if META_KEY in meta else None
         return head
+
+    def exit_defaults(self) -> dict:
+        """What the head's metadata says about exits, as ``ExitPolicy`` keyword arguments.
+
+        Keys present only where the metadata has them: ``cost_of_time`` and ``patience`` (the
+        default operating point), ``exit_tokens``, ``eos_token_ids``, ``thinking_budget``,
+        ``max_new_tokens`` (budget + exit tokens + answer tokens). Empty for a bare head. The
+        vLLM integration and the CLI fill a request's missing parameters from this.
+        """
+        m = self.meta or {}
+        out: dict = {}
+        op = (m.get("operating_points") or {}).get(m.get("default_operating_point") or "")
+        if op:
+            out["cost_of_time"], out["patience"] = float(op["cost_of_time"]), int(op["patience"])
+        conv = m.get("conventions") or {}
+        if conv.get("exit_ids"):
+            out["exit_tokens"] = tuple(conv["exit_ids"])
+        if conv.get("eos_ids"):
+            out["eos_token_ids"] = tuple(conv["eos_ids"])
+        if m.get("thinking_budget"):
+            out["thinking_budget"] = int(m["thinking_budget"])
+            out["max_new_tokens"] = out["thinking_budget"] + len(out.get("exit_tokens", ())) + int(
+                m.get("max_answer_tokens", 32))
+        return out
+
+    def exit_policy(self, **overrides):
+        """An :class:`haltkit.ExitPolicy` from :meth:`exit_defaults`; explicit arguments override.
+
+        Example:
+            >>> head.exit_policy()                      # the calibrated lambda and patience
+            >>> head.exit_policy(cost_of_time=0.02)     # another price, the same patience
+        """
+        from .params import ExitPolicy
+
+        return ExitPolicy(**{**self.exit_defaults(), **overrides})
+
+    def check_compatible(self, model=None, tokenizer=None) -> None:
+        """Refuse a model or tokenizer other than the one the head was trained for.
+
+        Args:
+            model: a causal LM (hidden size and vocabulary are compared), or None.
+            tokenizer: compared by vocabulary fingerprint when the metadata records one, or None.
+        Raises:
+            ValueError: naming the field, the head's value and the model's.
+        """
+        from .runner import model_dims
+
+        if model is not None:
+            vocab, hidden, _ = model_dims(model)
+            if hidden is not None and hidden != self.d_model:
+                raise ValueError(f"value head: it reads hidden states of size {self.d_model} but the model's "
+                                 f"final hidden state has size {hidden} (a head of another model)")
+            want = ((self.meta or {}).get("model") or {}).get("vocab_size")
+            if want is not None and vocab is not None and vocab != want:
+                raise ValueError(f"value head: trained for a vocabulary of {want} tokens, the model has {vocab} "
+                                 "(a head of another model)")
+        want_tok = ((self.meta or {}).get("model") or {}).get("tokenizer")
+        if tokenizer is not None and want_tok is not None:
+            from .train.conventions import tokenizer_fingerprint
+
+            got = tokenizer_fingerprint(tokenizer)
+            if got != want_tok:
+                raise ValueError(f"value head: trained with tokenizer {want_tok}, got tokenizer {got} (another "
+                                 "vocabulary: its exit and EOS token ids would mean other tokens)")
+
+
+def load_value_head(path: str | os.PathLike, model=None, tokenizer=None, device: torch.device | str = "cpu",
+                    allow_unfit: bool = False) -> MarginalValueHead:
+    """Load a head and check it against the model and tokenizer it will be used with.
+
+    Args:
+        path: a file written by :meth:`MarginalValueHead.save` (``haltkit train-head``'s output).
+        model, tokenizer: what the head will read (see :meth:`MarginalValueHead.check_compatible`).
+        device: where the weights go.
+        allow_unfit: load a head that ``train-head``'s quality gate marked unfit.
+    Raises:
+        ValueError: not a head, a head marked unfit, or another model / tokenizer.
+    """
+    head = MarginalValueHead.load(path, device=device)
+    fit = (head.meta or {}).get("fit")
+    if fit is not None and not fit.get("ok", True) and not allow_unfit:
+        raise ValueError(f"{path}: the head is marked unfit by train-head's quality gate "
+                         f"({'; '.join(fit.get('reasons', []))}); pass allow_unfit=True to use it anyway")
+    head.check_compatible(model, tokenizer)
+    return head
 
 
 def head_forward(x: torch.Tensor, w: HeadWeights) -> torch.Tensor:

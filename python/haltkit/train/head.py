@@ -29,6 +29,7 @@ nothing" (target <= 0) scored by the negated prediction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -41,7 +42,8 @@ from .rollouts import Rollout
 
 __all__ = [
     "HeadTrainConfig", "smooth_returns", "marginal_values", "build_examples", "train_head", "auroc", "reliability",
-    "sample_problems", "run_train_head",
+    "sample_problems", "run_train_head", "split_of", "head_values", "simulate_exits", "baselines", "calibrate",
+    "quality_gate", "PATIENCES",
 ]
 
 
@@ -161,31 +163,38 @@ def _metrics(head: MarginalValueHead, h, n, b, v) -> dict:
     }
 
 
-def train_head(rollouts: list[Rollout], cfg: HeadTrainConfig = HeadTrainConfig(), log=None) -> tuple[MarginalValueHead, dict]:
+def train_head(rollouts: list[Rollout], cfg: HeadTrainConfig = HeadTrainConfig(), log=None,
+               is_val: torch.Tensor | None = None) -> tuple[MarginalValueHead, dict]:
     """Fit a :class:`MarginalValueHead` to the marginal-value targets of ``rollouts``.
 
-    Rollouts are split into train / validation by prompt; training stops when the validation
-    MSE has not improved for ``cfg.patience`` epochs and the best epoch's weights are kept.
+    Training stops when the validation MSE has not improved for ``cfg.patience`` epochs and the
+    best epoch's weights are kept.
 
     Args:
-        rollouts: from :func:`haltkit.train.rollouts.collect_rollouts` (or built by hand).
+        rollouts: from :func:`haltkit.train.pipeline.collect` (or built by hand).
         cfg: the fit's settings.
         log: a text stream for one JSON line per epoch, or None.
+        is_val: [len(rollouts)] bool, the validation rollouts; default a random ``cfg.val_frac``.
     Returns:
-        (the head in eval mode, metrics: config, best epoch, train and validation metrics).
+        (the head in eval mode, metrics: config, best epoch, train and validation metrics, and
+        ``val.mse_constant``: the validation MSE of the best constant, the train targets' mean).
     Raises:
-        ValueError: with fewer than two rollouts (no validation split).
+        ValueError: with fewer than two rollouts, or an empty train or validation split.
     """
     if len(rollouts) < 2:
         raise ValueError(f"need at least 2 rollouts for a train / validation split, got {len(rollouts)}")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     h, n, b, v, owner = build_examples(rollouts, cfg, rng)
-    perm = list(range(len(rollouts)))
-    rng.shuffle(perm)
-    n_val = max(1, round(cfg.val_frac * len(rollouts)))
-    is_val = torch.zeros(len(rollouts), dtype=torch.bool)
-    is_val[perm[:n_val]] = True
+    if is_val is None:
+        perm = list(range(len(rollouts)))
+        rng.shuffle(perm)
+        is_val = torch.zeros(len(rollouts), dtype=torch.bool)
+        is_val[perm[: max(1, round(cfg.val_frac * len(rollouts)))]] = True
+    n_val = int(is_val.sum())
+    if n_val == 0 or n_val == len(rollouts):
+        raise ValueError(f"is_val: the split must leave both train and validation rollouts, got {n_val} of "
+                         f"{len(rollouts)} in validation")
     val = is_val[owner]
     tr = ~val
     head = MarginalValueHead(h.shape[1], hidden=cfg.hidden)
@@ -220,7 +229,133 @@ def train_head(rollouts: list[Rollout], cfg: HeadTrainConfig = HeadTrainConfig()
         "train": _metrics(head, h[tr], n[tr], b[tr], v[tr]),
         "val": _metrics(head, h[val], n[val], b[val], v[val]),
     }
+    const = float(v[tr].mean())
+    metrics["val"]["mse_constant"] = float(((v[val] - const) ** 2).mean())
     return head, metrics
+
+
+def split_of(question: str, val_frac: float, test_frac: float) -> str:
+    """"train", "val" or "test" by a hash of the question: repeats of a question share a split."""
+    u = int.from_bytes(hashlib.blake2b(question.encode(), digest_size=4, person=b"haltkit-split").digest(), "big")
+    x = u / 2**32
+    return "test" if x < test_frac else "val" if x < test_frac + val_frac else "train"
+
+
+@torch.no_grad()
+def head_values(head: MarginalValueHead, rollouts: list[Rollout], budget: int) -> list[torch.Tensor]:
+    """The head's value at every think step n = 0..T of each rollout ([T + 1] float32 each)."""
+    out = []
+    for r in rollouts:
+        n = torch.arange(r.hidden.shape[0])
+        out.append(head(r.hidden.float(), n, torch.full_like(n, budget)))
+    return out
+
+
+def _reward_at(r: Rollout, t: torch.Tensor) -> torch.Tensor:
+    """R at the last checkpoint <= t (the forced answer the nearest probe measured), [K] float32."""
+    i = torch.searchsorted(r.checkpoints, t, right=True) - 1
+    return r.reward[i.clamp(min=0)]
+
+
+def simulate_exits(rollouts: list[Rollout], values: list[torch.Tensor], lambdas: torch.Tensor,
+                   patience: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replay the kernel's value-exit rule on stored rollouts, for every price at once.
+
+    The rule of ``decode_step`` (min_new_tokens 0): at step n the head's value counts when below
+    lambda; the think phase ends at the first n where ``patience`` consecutive steps counted, with
+    n think tokens, and the forced answer there scores R(n) (the last probe at or before n). No
+    exit before the rollout's end leaves its own length and answer.
+
+    Args:
+        values: from :func:`head_values`; lambdas: [L] float32; patience: >= 1.
+    Returns:
+        (accuracy [L] float32, mean think tokens [L] float32).
+    """
+    acc, think = torch.zeros(len(lambdas)), torch.zeros(len(lambdas))
+    for r, v in zip(rollouts, values):
+        T = v.shape[0] - 1
+        if v.shape[0] >= patience:
+            worst = v.unfold(0, patience, 1).max(1).values  # step n = i + patience - 1 exits iff worst[i] < lambda
+            best_so_far = torch.cummin(worst, 0).values
+            fires = best_so_far[None, :] < lambdas[:, None]  # [L, T + 2 - patience]
+            first = torch.where(fires.any(1), fires.float().argmax(1) + patience - 1, T)
+        else:
+            first = torch.full((len(lambdas),), T)
+        first = first.clamp(max=T)
+        acc += _reward_at(r, first)
+        think += first.float()
+    return acc / len(rollouts), think / len(rollouts)
+
+
+def baselines(rollouts: list[Rollout], budgets: list[int]) -> dict:
+    """No exit, fixed thinking budgets (forced answer at min(T, b)) and the oracle (the earliest
+    checkpoint from which every forced answer scores what the last one does), on rollouts."""
+    T = torch.tensor([len(r.think_ids) for r in rollouts], dtype=torch.float32)
+    final = torch.tensor([float(r.reward[-1]) for r in rollouts])
+    out = {"no_exit": {"accuracy": float(final.mean()), "think_tokens": float(T.mean())}, "budgets": []}
+    for b in budgets:
+        acc = torch.stack([_reward_at(r, torch.tensor([min(len(r.think_ids), b)]))[0] for r in rollouts])
+        out["budgets"].append({"budget": b, "accuracy": float(acc.mean()),
+                               "think_tokens": float(T.clamp(max=b).mean())})
+    oracle = []
+    for r in rollouts:
+        same = (r.reward == r.reward[-1]).flip(0).long().cumprod(0).flip(0)  # 1 where all later agree
+        oracle.append(float(r.checkpoints[int(same.argmax())]))
+    out["oracle"] = {"accuracy": float(final.mean()), "think_tokens": sum(oracle) / len(oracle)}
+    return out
+
+
+PATIENCES = (1, 2, 3, 4, 6, 8)
+
+
+def calibrate(head: MarginalValueHead, val: list[Rollout], budget: int, tolerance: float = 0.01) -> dict:
+    """Operating points (lambda, patience) chosen on validation rollouts.
+
+    ``no_loss``: the fewest think tokens at accuracy >= no exit's; ``within_1pt``: the fewest at
+    accuracy >= no exit's minus ``tolerance``. Prices range over the quantiles of the head's
+    values on the validation steps; patience over :data:`PATIENCES`.
+
+    Returns:
+        {name: {"cost_of_time", "patience", "accuracy", "think_tokens"}} (a name is absent when no
+        setting reaches it) and "no_exit": validation accuracy and think tokens.
+    """
+    values = head_values(head, val, budget)
+    allv = torch.cat(values)
+    lambdas = torch.unique(torch.quantile(allv, torch.linspace(0.0, 1.0, 61)))
+    ref = baselines(val, [])["no_exit"]
+    best: dict = {"no_exit": ref}
+    for p in PATIENCES:
+        acc, think = simulate_exits(val, values, lambdas, p)
+        for name, floor in (("no_loss", ref["accuracy"] - 1e-9), ("within_1pt", ref["accuracy"] - tolerance)):
+            ok = acc >= floor
+            if not ok.any():
+                continue
+            i = int(torch.where(ok, think, math.inf).argmin())
+            if name not in best or float(think[i]) < best[name]["think_tokens"]:
+                best[name] = {"cost_of_time": float(lambdas[i]), "patience": p, "accuracy": float(acc[i]),
+                              "think_tokens": float(think[i])}
+    return best
+
+
+def quality_gate(rollout_accuracy: float, any_right: bool, val: dict, min_auroc: float = 0.6,
+                 max_mse_ratio: float = 0.98) -> dict:
+    """Whether a fitted head is worth using: {"ok": bool, "reasons": [why not, ...]}.
+
+    Unfit when no forced answer of any rollout was right (nothing to learn), or on validation
+    the head's MSE is not below ``max_mse_ratio`` times the best constant's, or its AUROC of
+    "stopping now loses nothing" is not above ``min_auroc`` (NaN: one class only).
+    """
+    reasons = []
+    if not any_right:
+        reasons.append(f"every forced answer of every rollout was wrong (rollout accuracy {rollout_accuracy:.3f}): "
+                       "check the template, exit text and verifier")
+    mse, const = val["mse"], val.get("mse_constant", math.nan)
+    if not (const > 0 and mse < max_mse_ratio * const):
+        reasons.append(f"validation MSE {mse:.4g} is no better than a constant predictor's {const:.4g}")
+    a = val["auroc_stop_loses_nothing"]
+    if not a > min_auroc:
+        reasons.append(f"validation AUROC {a:.3f} is not above {min_auroc} (NaN: the targets have one class)")
+    return {"ok": not reasons, "reasons": reasons}
 
 
 def sample_problems(task, count: int, seed: int, held_out: bool = False) -> list:
@@ -237,36 +372,114 @@ def sample_problems(task, count: int, seed: int, held_out: bool = False) -> list
     return [task.sample(rng, levels[i % len(levels)], held_out=held_out) for i in range(count)]
 
 
-def run_train_head(
-    model_dir: str, out_dir: str, task, prompts: int = 1000, every: int = 2, max_think: int = 320,
-    cfg: HeadTrainConfig = HeadTrainConfig(), log=None, worker: int = 0, workers: int = 1,
-) -> dict | None:
-    """Roll out a model on a task, fit the head and write ``out_dir/head.safetensors``.
+def load_model(model_dir: str, gguf_file: str | None = None, dtype=None):
+    """(model in eval mode, tokenizer) through ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
-    Rollouts go to ``out_dir/rollouts/`` (a rerun resumes them); metrics to
-    ``out_dir/head_metrics.json``. With ``workers > 1`` this process only collects its share of
-    the rollout shards and returns None; a final run with ``workers == 1`` fits the head.
-    Returns the metrics.
+    ``gguf_file`` names a GGUF file inside ``model_dir`` (transformers dequantises it; needs the
+    ``gguf`` package).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(model_dir, **kw)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw, **({"dtype": dtype} if dtype else {}))
+    return model.eval(), tok
+
+
+def run_train_head(
+    model_dir: str, out_dir: str, task, problems: list, task_id: dict, rollout_cfg=None,
+    cfg: HeadTrainConfig = HeadTrainConfig(), conventions: dict | None = None, gguf_file: str | None = None,
+    val_frac: float = 0.15, test_frac: float = 0.15, restart: bool = False, log=None, progress: bool = True,
+    model_and_tokenizer=None,
+) -> tuple[dict, int]:
+    """Roll out a model on a task, fit the head, calibrate it and write it with its metadata.
+
+    Steps: conventions from the tokenizer (:func:`haltkit.train.conventions.resolve_conventions`
+    with ``conventions`` as overrides); rollouts into ``out_dir/rollouts/`` (resumable, keyed by a
+    manifest); problems split by question into train / val / test (``val_frac``, ``test_frac``);
+    the fit (early stopping on val); operating points chosen on val (:func:`calibrate`); the
+    figures reported on test (:func:`simulate_exits`, :func:`baselines`); the quality gate.
+
+    Writes ``out_dir/head.safetensors`` (or ``head.unfit.safetensors`` when the gate fails) with
+    the metadata every entry point reads, and ``out_dir/head_metrics.json``.
+
+    Args:
+        model_dir: a Hugging Face model directory.
+        task: has ``verify(problem, answer_text)``; problems: the prompts, in order.
+        task_id: what names the task in the manifest (file hash, verifier).
+        rollout_cfg: a :class:`haltkit.train.pipeline.RolloutConfig` (default settings if None).
+        model_and_tokenizer: already loaded (model, tokenizer), else loaded from ``model_dir``.
+    Returns:
+        (metrics, exit status): 0 with a fit head, 3 when the quality gate refused it.
+    Raises:
+        ValueError: the tokenizer lacks the thinking tag, stored rollouts of another key, too few
+            problems for three splits.
     """
     import os
 
-    from transformers import AutoModelForCausalLM
+    from .conventions import model_identity, resolve_conventions, tokenizer_fingerprint
+    from .pipeline import RolloutConfig, collect, manifest_key
 
-    from ..tokenizer import CharTokenizer
-    from .rollouts import collect_rollouts, load_rollouts
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = CharTokenizer()
-    problems = sample_problems(task, prompts, cfg.seed)
-    paths = collect_rollouts(model, tok, task, problems, os.path.join(out_dir, "rollouts"), every, max_think,
-                             log=log, worker=worker, workers=workers)
-    if workers > 1:
-        return None
-    rollouts = load_rollouts(paths)
-    head, metrics = train_head(rollouts, HeadTrainConfig(**{**asdict(cfg), "budget": max_think}), log)
-    head.save(os.path.join(out_dir, "head.safetensors"))
-    metrics["rollout_accuracy"] = float(torch.tensor([float(r.reward[-1]) for r in rollouts]).mean())
-    metrics["every"], metrics["max_think"], metrics["model"] = every, max_think, os.path.abspath(model_dir)
+    rc = rollout_cfg or RolloutConfig()
+    model, tok = model_and_tokenizer or load_model(model_dir, gguf_file)
+    conv = resolve_conventions(tok, model, **(conventions or {}))
+    identity = model_identity(model)
+    prompt_ids = conv.render_all(tok, problems)
+    key = manifest_key(model, tok, conv, rc, task_id, len(problems))
+    os.makedirs(out_dir, exist_ok=True)
+    rollouts = collect(model, tok, conv, task, problems, prompt_ids, os.path.join(out_dir, "rollouts"), rc, key, restart,
+                       progress, log)
+    split = [split_of(r.problem.question, val_frac, test_frac) for r in rollouts]
+    counts = {k: split.count(k) for k in ("train", "val", "test")}
+    if min(counts.values()) == 0:
+        raise ValueError(f"problems: the question-level split left an empty part {counts}; give more (distinct) "
+                         "problems or other --val-frac / --test-frac")
+    fit_set = [r for r, s in zip(rollouts, split) if s != "test"]
+    is_val = torch.tensor([s == "val" for s, r in zip(split, rollouts) if s != "test"])
+    head_cfg = HeadTrainConfig(**{**asdict(cfg), "budget": rc.max_think})
+    head, metrics = train_head(fit_set, head_cfg, log, is_val=is_val)
+    val = [r for r, s in zip(rollouts, split) if s == "val"]
+    test = [r for r, s in zip(rollouts, split) if s == "test"]
+    ops = calibrate(head, val, rc.max_think)
+    finals = torch.tensor([float(r.reward[-1]) for r in rollouts])
+    metrics["rollout_accuracy"] = float(finals.mean())
+    metrics["split"] = counts
+    budgets = sorted({max(1, round(rc.max_think * f)) for f in (0.1, 0.2, 0.3, 0.5, 0.75)})
+    report = baselines(test, budgets)
+    values = head_values(head, test, rc.max_think)
+    for name in ("no_loss", "within_1pt"):
+        if name in ops:
+            acc, think = simulate_exits(test, values, torch.tensor([ops[name]["cost_of_time"]]), ops[name]["patience"])
+            report[name] = {"accuracy": float(acc[0]), "think_tokens": float(think[0]), **{
+                k: ops[name][k] for k in ("cost_of_time", "patience")}}
+    metrics["test"] = report
+    metrics["operating_points"] = ops
+    any_right = bool(any(float(r.reward.max()) > 0 for r in rollouts))
+    gate = quality_gate(metrics["rollout_accuracy"], any_right, metrics["val"])
+    metrics["fit"] = gate
+    default_op = "within_1pt" if "within_1pt" in ops else "no_loss" if "no_loss" in ops else None
+    head.meta = {
+        "model": {**identity, "tokenizer": tokenizer_fingerprint(tok), "name": os.path.basename(
+            os.path.abspath(model_dir).rstrip("/"))},
+        "conventions": conv.to_dict(),
+        "thinking_budget": rc.max_think,
+        "max_answer_tokens": rc.max_answer,
+        "operating_points": {k: v for k, v in ops.items() if k != "no_exit"},
+        "default_operating_point": default_op,
+        "training": {"rollouts": asdict(rc), "head": asdict(head_cfg), "task": task_id, "split": counts},
+        "metrics": {"rollout_accuracy": metrics["rollout_accuracy"],
+                    "val": {k: metrics["val"][k] for k in ("mse", "mse_constant", "auroc_stop_loses_nothing")},
+                    "test": report},
+        "fit": gate,
+    }
+    name = "head.safetensors" if gate["ok"] else "head.unfit.safetensors"
+    for stale in ("head.safetensors", "head.unfit.safetensors"):  # never leave a head of an earlier run
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    head.save(os.path.join(out_dir, name))
+    metrics["head_file"] = os.path.join(out_dir, name)
+    metrics["model"] = os.path.abspath(model_dir)
+    metrics["conventions"] = {k: v for k, v in conv.to_dict().items() if k != "chat_template"}
     with open(os.path.join(out_dir, "head_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    return metrics
+    return metrics, 0 if gate["ok"] else 3

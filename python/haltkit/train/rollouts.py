@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import DecodeState, ExitPolicy, Reason, SamplingParams, decode_step, pack_requests
+from ..runner import split_model
 from ..tasks import Problem, parse_answer, prompt_text
 from ..tokenizer import CharTokenizer
 
@@ -69,9 +70,19 @@ def model_step(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, 
     Returns:
         (logits [B, V] float32, hidden [B, d] float32).
     """
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    body, lm_head = _split(model)
+    out = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
     h = out.last_hidden_state[:, -1]
-    return model.lm_head(h).float(), h.float()
+    return lm_head(h).float(), h.float()
+
+
+def _split(model):
+    """(body, LM head) of a Hugging Face causal LM of any family (GPT-2's body is ``transformer``)."""
+    body, lm_head = split_model(model)
+    if body is None:
+        raise TypeError(f"{type(model).__name__}: rollouts need a Hugging Face causal LM (base_model + output "
+                        "embeddings)")
+    return body, lm_head
 
 
 @torch.no_grad()
@@ -160,7 +171,7 @@ def forced_answers(
     seq = torch.tensor(prompt_ids + think_ids.tolist(), dtype=torch.long)[None]
     P, L = len(prompt_ids), seq.shape[1]
     base = DynamicCache()
-    model.model(input_ids=seq, past_key_values=base, use_cache=True)
+    _split(model)[0](input_ids=seq, past_key_values=base, use_cache=True)
     exit_ids = torch.tensor(tok.exit_tokens, dtype=torch.long)
     texts, confs, probes = [], [], []
     for c0 in range(0, len(checkpoints), chunk):
@@ -224,7 +235,8 @@ def _save_shard(path: str, rollouts: list[Rollout]) -> None:
         tensors[f"{i}.confidence"] = r.confidence
         tensors[f"{i}.probe_tokens"] = r.probe_tokens.to(torch.int32)
         meta.append({"question": r.problem.question, "answer": r.problem.answer, "difficulty": r.problem.difficulty,
-                     "terms": list(r.problem.terms), "closed": r.closed, "natural_answer": r.natural_answer,
+                     "terms": list(r.problem.terms),
+                     "messages": [list(m) for m in r.problem.messages], "closed": r.closed, "natural_answer": r.natural_answer,
                      "answers": r.answers})
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "haltkit.rollouts/1", "rollouts": json.dumps(meta)})
@@ -275,7 +287,8 @@ def load_rollouts(paths: list[str]) -> list[Rollout]:
                 raise ValueError(f"{path}: not a haltkit rollout shard")
             for i, m in enumerate(json.loads(meta["rollouts"])):
                 g = lambda k: f.get_tensor(f"{i}.{k}")  # noqa: E731
-                p = Problem(m["question"], m["answer"], m["difficulty"], tuple(m["terms"]))
+                p = Problem(m["question"], m["answer"], m["difficulty"], tuple(m["terms"]),
+                            tuple(tuple(x) for x in m.get("messages", [])))
                 out.append(Rollout(p, g("think_ids").long(), m["closed"], m["natural_answer"], g("hidden").float(),
                                    g("checkpoints").long(), g("reward"), g("confidence"), g("probe_tokens").long(),
                                    m["answers"]))

@@ -25,8 +25,13 @@ from ..tokenizer import CharTokenizer
 
 __all__ = [
     "ModelSpec", "TrainConfig", "MODEL_SPECS", "DEFAULT_RUNS", "build_model", "train_lm", "sample_example",
-    "save_model", "train_toy", "evaluate", "fixed_check", "write_meta",
+    "save_model", "train_toy", "evaluate", "fixed_check", "write_meta", "export_hf", "TOY_CHAT_TEMPLATE",
 ]
+
+#: The toy's prompt layout as a chat template: the question after ``Q:``, thinking opened by the
+#: generation prompt. Exported models carry it, so the Hugging Face path needs no haltkit code.
+TOY_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q:{{ m['content'] }}{% endif %}"
+                     "{% endfor %}{% if add_generation_prompt %}<think>{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -288,3 +293,29 @@ def write_meta(toy_dir: str | os.PathLike, training: dict, head_metrics: dict | 
     with open(os.path.join(os.fspath(toy_dir), "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def export_hf(out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> str:
+    """Write the toy target as a plain Hugging Face model directory, without haltkit's tokenizer.
+
+    The directory holds the weights, config and generation config, and a
+    ``PreTrainedTokenizerFast`` with :data:`TOY_CHAT_TEMPLATE` and ``<think>`` / ``</think>`` as
+    special tokens: ``AutoModelForCausalLM`` / ``AutoTokenizer`` load it like any model.
+
+    Args:
+        out_dir: the directory to write.
+        source: a toy model directory (default: the shipped target).
+    Returns:
+        ``out_dir`` as a string.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from ..models import toy_dir
+
+    src = os.fspath(source) if source is not None else os.fspath(toy_dir() / "target")
+    out = os.fspath(out_dir)
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(src)
+    tok.chat_template = TOY_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
