@@ -23,6 +23,12 @@
 
 #include "haltkit/decode_step.cuh"
 
+// Every kernel launch is written HK_LAUNCH(kernel, grid, block, shared bytes, stream)(args...), so
+// the host emulation (csrc/emu/cuda_runtime.h, which defines it first) builds these very sources.
+#ifndef HK_LAUNCH
+#define HK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace hk {
 namespace {
 
@@ -226,7 +232,7 @@ __device__ float block_radix_select(const Row& row, float m, float t, float floo
     __syncthreads();
     if (by_mass && level == 0) {
       double part = 0.0;
-      for (int i = threadIdx.x * kBucketsPerThread; i < (threadIdx.x + 1) * kBucketsPerThread; ++i) part += sh.mass[i];
+      for (int i = threadIdx.x * kBucketsPerThread, e = i + kBucketsPerThread; i < e; ++i) part += sh.mass[i];
       target = top_p_target(block_reduce(part, Plus{}, sh.dred), top_p);
     }
     const int bkt = block_walk(level, by_mass, &need, &before, target, sh);
@@ -555,7 +561,7 @@ void check(cudaError_t e, const char* what) {
 // After a row kernel on `st`: checks its launch, then compacts the batch (in stream order).
 void compact_after(const char* kernel, const DecodeStepArgs& a, cudaStream_t st) {
   check(cudaGetLastError(), kernel);
-  compact_rows<<<1, kCompactThreads, 0, st>>>(a.finish_reason, a.B, a.active_idx, a.num_active);
+  HK_LAUNCH(compact_rows, 1, kCompactThreads, 0, st)(a.finish_reason, a.B, a.active_idx, a.num_active);
   check(cudaGetLastError(), "compact_rows launch");
 }
 

@@ -57,10 +57,10 @@ void decode_step_cuda(const DecodeStepArgs& a, void* stream) {
   if (a.num_parts > 1) {  // a small batch: greedy rows' pass 1 spread over more blocks first
     if (a.B > 65535 || a.num_parts > INT32_MAX || a.parts == nullptr)
       throw std::invalid_argument("haltkit._C: splitting rows needs B <= 65535 and a workspace");
-    greedy_parts<<<dim3(static_cast<unsigned>(a.num_parts), static_cast<unsigned>(a.B)), kThreads, 0, st>>>(a);
+    HK_LAUNCH(greedy_parts, dim3(static_cast<unsigned>(a.num_parts), static_cast<unsigned>(a.B)), kThreads, 0, st)(a);
     check(cudaGetLastError(), "greedy_parts launch");
   }
-  decode_step_rows<<<row_grid(decode_step_rows, a.B), kThreads, 0, st>>>(a);
+  HK_LAUNCH(decode_step_rows, row_grid(decode_step_rows, a.B), kThreads, 0, st)(a);
   compact_after("decode_step_rows launch", a, st);
 }
 

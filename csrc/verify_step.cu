@@ -61,7 +61,7 @@ void verify_step_cuda(const VerifyStepArgs& v, void* stream) {
   require_device();
   const DecodeStepArgs& a = v.step;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
-  verify_step_rows<<<row_grid(verify_step_rows, a.B), kThreads, 0, st>>>(v);
+  HK_LAUNCH(verify_step_rows, row_grid(verify_step_rows, a.B), kThreads, 0, st)(v);
   compact_after("verify_step_rows launch", a, st);
 }
 

@@ -174,8 +174,22 @@ def compare_step(where: str, logits, requests, before: DecodeState, ref: StepOut
     return True
 
 
-def run_case(case: Case, backend: str = "cpu", device: str = "cpu") -> int:
-    """Runs ``case`` on ``backend`` and the reference step by step; returns the float ties met (0 or 1)."""
+def _impl(backend):
+    """The implementation of a backend name, or ``backend`` itself when it is a backend object (the
+    emulated cuda backend, :func:`haltkit.native.emulated_cuda_backend`, which has no name of its own)."""
+    return backend_module(backend) if isinstance(backend, str) else backend
+
+
+def _decode_step(backend, *args):
+    """haltkit.decode_step by name (through the dispatcher's checks), or the backend object's own."""
+    if isinstance(backend, str):
+        return haltkit.decode_step(*args, backend=backend)
+    return backend.decode_step(*args)
+
+
+def run_case(case: Case, backend="cpu", device: str = "cpu") -> int:
+    """Runs ``case`` on ``backend`` (a name or a backend object) and the reference step by step;
+    returns the float ties met (0 or 1)."""
     gen = torch.Generator().manual_seed(case.seed)
     head = make_head(case.head, case.d, case.head_dtype, gen)
     head_dev = None if head is None else HeadWeights(*(t.to(device) for t in head))
@@ -197,7 +211,7 @@ def run_case(case: Case, backend: str = "cpu", device: str = "cpu") -> int:
             hd = None if hd is None else _layout(hd, 5)
         before = ref_state.clone()
         ref = reference_step(x, h, requests, ref_state, head)
-        got = haltkit.decode_step(xd, hd, req_dev, got_state, head_dev, backend=backend)
+        got = _decode_step(backend, xd, hd, req_dev, got_state, head_dev)
         if not compare_step(f"{case} step {step}", x, requests, before, ref, ref_state, got, got_state):
             return 1
     return 0
@@ -257,11 +271,11 @@ def cases(large: bool = True) -> list[Case]:
     return out
 
 
-def persistent_grid_case() -> Case:
+def persistent_grid_case(B: int = 2400) -> Case:
     """More rows than any GPU holds blocks at once, so the CUDA kernels' blocks take several rows
-    each (their grid is one resident wave). Greedy rows with every exit rule: no float ties."""
+    each (their grid is one resident wave; the emulated device holds 3, so B = 60 does there).
+    Greedy rows with every exit rule: no float ties."""
     samp, exits = _mixed(40, seed=11)
-    B = 2400
     return Case(f"B{B}-V40-persistent", B, 40, [SamplingParams(temperature=0.0)] * B,
                 (exits * (B // len(exits) + 1))[:B], 3, head="mlp", seed=11)
 
@@ -318,7 +332,7 @@ def _verify_tie(x: torch.Tensor, requests, row: int, step: int, tokens: tuple[in
     return math.isfinite(sa) and math.isfinite(sb) and abs(sa - sb) <= TIE_EPS * (1 + abs(sa))
 
 
-def run_verify_case(case: VerifyCase, backend: str = "cpu", device: str = "cpu") -> int:
+def run_verify_case(case: VerifyCase, backend="cpu", device: str = "cpu") -> int:
     """Runs ``case`` on ``backend`` and the verify_step reference; returns the float ties met (0 or 1)."""
     from haltkit.reference.verify_step import verify_step as reference_verify
 
@@ -354,9 +368,12 @@ def run_verify_case(case: VerifyCase, backend: str = "cpu", device: str = "cpu")
                 q[1, 0, drafts[1, 0]] = 0
         n0 = ref_state.num_generated.clone()
         ref = reference_verify(x, h, drafts, lens, requests, ref_state, head, q, case.method)
-        got = haltkit.verify_step(x.to(device), None if h is None else h.to(device), drafts.to(device), lens.to(device),
-                                  requests.to(device), got_state, head_dev, None if q is None else q.to(device),
-                                  case.method, backend=backend)
+        args = (x.to(device), None if h is None else h.to(device), drafts.to(device), lens.to(device),
+                requests.to(device), got_state, head_dev, None if q is None else q.to(device), case.method)
+        if isinstance(backend, str):
+            got = haltkit.verify_step(*args, backend=backend)
+        else:
+            got = backend.verify_step(*args)
         where = f"{case} round {rnd}"
         rt, gt = ref.tokens, got.tokens.cpu()
         for b in range(B):
@@ -438,7 +455,7 @@ def exit_rules_scenario(seed: int, device: str = "cpu", rows: int | None = None)
     )
 
 
-def run_exit_rules_case(seed: int, backend: str = "cpu", device: str = "cpu", steps: int = 10,
+def run_exit_rules_case(seed: int, backend="cpu", device: str = "cpu", steps: int = 10,
                         rows: int | None = None) -> None:
     """exit_rules of ``backend`` against the reference, step after step on one scenario: the state,
     the plan (poisoned rows untouched) and the forced logits equal bit for bit."""
@@ -446,7 +463,7 @@ def run_exit_rules_case(seed: int, backend: str = "cpu", device: str = "cpu", st
     B, V, gen = sc["B"], sc["V"], sc["gen"]
     head = sc["head"]
     head = None if head is None else HeadWeights(*(t.to(device) for t in head))
-    op = backend_module(backend).exit_rules
+    op = _impl(backend).exit_rules
     ref_state, ours_state = sc["state"], sc["state"].clone()
     ref_plan, ours_plan = sc["plan"], sc["plan"].clone()
     token = torch.full((B,), -1, dtype=torch.int64, device=device)  # nothing pending yet

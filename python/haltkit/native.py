@@ -21,7 +21,7 @@ from .reference.verify_step import VerifyOutput
 from .state import DecodeState, StepOutput
 from .value_head import HeadWeights
 
-__all__ = ["NativeBackend", "cpu_backend", "cuda_backend", "DTYPE_CODES"]
+__all__ = ["NativeBackend", "cpu_backend", "cuda_backend", "emulated_cuda_backend", "DTYPE_CODES"]
 
 #: The dtype numbering of csrc/include/haltkit/shim.cuh.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -53,16 +53,20 @@ class NativeBackend:
         module: the extension module (``haltkit._cpu`` or ``haltkit._C``).
         last_arg: returns the launcher's last argument for a device: the thread count on the
             CPU, the current stream's handle on a GPU.
+        sm_count: the SMs of a device, for the cuda backend's row split (default: torch's
+            device properties; the emulated device reports its own).
     """
 
     #: The cuda decode_step's blocks per greedy row: None picks it from the batch and the GPU
     #: (see :meth:`_parts`); an int forces it (tests use it to run the split path on any batch).
     split_rows: int | None = None
 
-    def __init__(self, name: str, module: ModuleType, last_arg: Callable[[torch.device], int]) -> None:
+    def __init__(self, name: str, module: ModuleType, last_arg: Callable[[torch.device], int],
+                 sm_count: Callable[[torch.device], int] | None = None) -> None:
         self.name = name
         self.module = module
         self._last_arg = last_arg
+        self._sm_count = sm_count
 
     def _parts(self, B: int, V: int, dev: torch.device) -> int:
         """Blocks per greedy row for a cuda decode_step: with fewer rows than half the SMs, a row's
@@ -70,7 +74,7 @@ class NativeBackend:
         (each block then still streams >= 32 KiB of fp32 logits)."""
         if self.split_rows is not None:
             return max(1, min(self.split_rows, -(-V // 4)))  # at least one group of four tokens each
-        sms = _sm_count(dev)
+        sms = (self._sm_count or _sm_count)(dev)
         return 1 if 2 * B > sms else max(1, min(sms // B, V // 8192, 64))
 
     def __repr__(self) -> str:
@@ -268,3 +272,15 @@ def cuda_backend(module: ModuleType) -> NativeBackend:
     if not torch.cuda.is_available():
         raise RuntimeError("the cuda backend needs a visible CUDA device; none is available here")
     return NativeBackend("cuda", module, lambda device: torch.cuda.current_stream(device).cuda_stream)
+
+
+def emulated_cuda_backend(module: ModuleType) -> NativeBackend:
+    """The "cuda" backend over ``haltkit._cuda_emu``: the CUDA kernels' own sources built against a
+    host emulation of the CUDA execution model (csrc/emu), run on CPU tensors. A test tool, never
+    chosen by a backend name: see ``module.set_schedule`` for the warp schedules it runs under.
+
+    Example:
+        >>> import haltkit._cuda_emu as emu
+        >>> out = emulated_cuda_backend(emu).decode_step(logits, None, requests, state, None)
+    """
+    return NativeBackend("cuda", module, lambda device: 0, lambda device: module.multiprocessor_count())
