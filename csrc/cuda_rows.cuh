@@ -47,17 +47,42 @@ __device__ __forceinline__ ArgBest better(ArgBest a, ArgBest b) {
   return a;
 }
 
+// Top-p's bucket masses are sums of exp(z) <= 1 (z <= 0) in fixed point, exp(z) * 2^f with
+// f = 63 - bit width of V, so a whole row's sum fits 64 bits. Integer atomics add exactly: the
+// masses, the walk and hence the token are the same whatever order the threads add in (an
+// atomicAdd on a double rounds in arrival order, which varies from run to run, and compiles to a
+// compare-and-swap loop on shared memory). One unit is at most 2^-32 of the largest token's mass
+// (V < 2^31), 2^-45 at V = 151936: far below the float32 rounding of the reference's cumsum.
+using Fixed = unsigned long long;  // CUDA's 64-bit atomicAdd type
+
+struct MassScale {
+  double to_fixed, to_real;  // 2^f and 2^-f
+};
+
+__device__ __forceinline__ MassScale mass_scale(int64_t V) {
+  int bits = 0;
+  while (bits < 63 && (V >> bits) != 0) ++bits;
+  const double one = static_cast<double>(Fixed{1} << (63 - bits));
+  return MassScale{one, 1.0 / one};
+}
+
+// Round to nearest (e is a float, so e * 2^f is exact in double).
+__device__ __forceinline__ Fixed to_fixed(float e, const MassScale& s) {
+  return static_cast<Fixed>(static_cast<double>(e) * s.to_fixed + 0.5);
+}
+
 struct Shared {
   uint32_t count[kRadixMaxBuckets];
-  double mass[kRadixMaxBuckets];
+  Fixed mass[kRadixMaxBuckets];  // top-p's bucket masses, in fixed point (see MassScale)
   double dred[kWarps];
+  Fixed ured[kWarps];
   float fred[kWarps];
   ArgBest bred[kWarps];
   int64_t scan_count[kWarps];
-  double scan_mass[kWarps];
+  Fixed scan_mass[kWarps];
   int32_t found;
   int64_t found_need;
-  double found_before;
+  Fixed found_before;
 };
 
 // --- block reductions (every thread gets the result; the combine order is fixed) -------------
@@ -151,31 +176,33 @@ __device__ float block_head_value(const DecodeStepArgs& a, const void* h, int32_
 // Walks a level's buckets from the largest z down (see radix_walk in cpu_rows.h): each
 // thread owns consecutive buckets, an exclusive scan gives what lies above them, and the lowest
 // bucket meeting the goal wins. Returns it (or -1) and updates need / before for every thread.
-__device__ int block_walk(int level, bool by_mass, int64_t* need, double* before, float target, Shared& sh) {
+// Masses are fixed point (integer sums: exact in any order); `scale` turns them into reals.
+__device__ int block_walk(int level, bool by_mass, int64_t* need, Fixed* before, float target, const MassScale& scale,
+                          Shared& sh) {
   const int nb = radix_buckets(level);
   const int per = nb / kThreads;  // 4, or 1 at the last level
   const int lo = threadIdx.x * per;
   int64_t c = 0;
-  double m = 0.0;
+  Fixed m = 0;
   for (int j = 0; j < per; ++j) c += sh.count[lo + j], m += sh.mass[lo + j];
   // Exclusive scan of (c, m) over threads, in thread order (deterministic).
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int64_t ci = c;
-  double mi = m;
+  Fixed mi = m;
   for (int o = 1; o < 32; o <<= 1) {
     const int64_t cu = __shfl_up_sync(kFull, ci, o);
-    const double mu = __shfl_up_sync(kFull, mi, o);
+    const Fixed mu = __shfl_up_sync(kFull, mi, o);
     if (lane >= o) ci += cu, mi += mu;
   }
   if (lane == 31) sh.scan_count[warp] = ci, sh.scan_mass[warp] = mi;
   if (threadIdx.x == 0) sh.found = INT32_MAX;
   __syncthreads();
   int64_t c_before = ci - c;
-  double m_before = mi - m;
+  Fixed m_before = mi - m;
   for (int w = 0; w < warp; ++w) c_before += sh.scan_count[w], m_before += sh.scan_mass[w];
   for (int j = 0; j < per; ++j) {
     const int bkt = lo + j;
-    const bool hit = by_mass ? mass_reaches(*before + (m_before + sh.mass[bkt]), target)
+    const bool hit = by_mass ? mass_reaches(static_cast<double>(*before + m_before + sh.mass[bkt]) * scale.to_real, target)
                              : c_before + sh.count[bkt] >= *need;
     if (hit) {
       atomicMin(&sh.found, bkt);
@@ -189,7 +216,7 @@ __device__ int block_walk(int level, bool by_mass, int64_t* need, double* before
   if (found != INT32_MAX && lo <= found && found < lo + per) {
     // The owner of the found bucket knows what the buckets above it hold.
     int64_t cb = ci - c;
-    double mb = mi - m;
+    Fixed mb = mi - m;
     for (int w = 0; w < warp; ++w) cb += sh.scan_count[w], mb += sh.scan_mass[w];
     for (int bkt = lo; bkt < found; ++bkt) cb += sh.count[bkt], mb += sh.mass[bkt];
     sh.found_need = *need - cb;
@@ -208,12 +235,13 @@ __device__ int block_walk(int level, bool by_mass, int64_t* need, double* before
 __device__ float block_radix_select(const Row& row, float m, float t, float floor, bool by_mass, int64_t k,
                                     float top_p, Shared& sh) {
   int64_t need = k;
-  double before = 0.0;
+  Fixed before = 0;
   float target = 0.0f;
   uint32_t prefix = 0;
+  const MassScale scale = mass_scale(row.V);
   for (int level = 0; level < kRadixLevels; ++level) {
     const int nb = radix_buckets(level);
-    for (int i = threadIdx.x; i < nb; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0.0;
+    for (int i = threadIdx.x; i < nb; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0;
     __syncthreads();
     for (int64_t g = threadIdx.x; g < num_groups(row); g += kThreads) {
       float x[4];
@@ -226,16 +254,16 @@ __device__ float block_radix_select(const Row& row, float m, float t, float floo
         if (4 * g + j >= row.V || !(z >= floor) || !radix_match(key, prefix, level)) continue;
         const uint32_t bkt = radix_bucket(key, level);
         atomicAdd(&sh.count[bkt], 1u);
-        if (by_mass) atomicAdd(&sh.mass[bkt], static_cast<double>(exp_f(z)));
+        if (by_mass) atomicAdd(&sh.mass[bkt], to_fixed(exp_f(z), scale));
       }
     }
     __syncthreads();
     if (by_mass && level == 0) {
-      double part = 0.0;
+      Fixed part = 0;
       for (int i = threadIdx.x * kBucketsPerThread, e = i + kBucketsPerThread; i < e; ++i) part += sh.mass[i];
-      target = top_p_target(block_reduce(part, Plus{}, sh.dred), top_p);
+      target = top_p_target(static_cast<double>(block_reduce(part, Plus{}, sh.ured)) * scale.to_real, top_p);
     }
-    const int bkt = block_walk(level, by_mass, &need, &before, target, sh);
+    const int bkt = block_walk(level, by_mass, &need, &before, target, scale, sh);
     if (bkt < 0) return -kInf;
     prefix |= static_cast<uint32_t>(bkt) << radix_shift(level);
   }

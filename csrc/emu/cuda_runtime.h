@@ -11,8 +11,9 @@
 // of each other through their shuffles up to the next barrier, in several orders: a missing
 // barrier shows as a stale or poisoned read (shared memory is filled with 0xff bytes before each
 // block). Threads of a block waiting at different barriers, lanes of a warp at different shuffles,
-// threads that exit while others wait, and shuffle masks other than the full warp stop the launch
-// with a std::runtime_error naming the block, threads and source lines.
+// threads that exit while others wait, shuffle masks other than the full warp and floating-point
+// atomics (whose rounding follows arrival order) stop the launch with a std::runtime_error naming
+// the block, threads and source lines.
 //
 // Not emulated: streams (launches run synchronously, in order, which is one valid stream order),
 // memory spaces (device pointers are host pointers), multiple devices (one device, index 0).
@@ -104,6 +105,9 @@ T shfl(const char* file, int line, Collective kind, unsigned mask, T v, int arg)
   return v;
 }
 
+// Stops the launch: the calling fiber did something the emulated kernels must not (the message says what).
+[[noreturn]] void refuse(const char* what);
+
 // Runs body(ctx) as every thread of every block of the grid (see emu.cpp).
 void launch(const char* kernel, dim3 grid, dim3 block, void (*body)(void*), void* ctx);
 
@@ -138,15 +142,18 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
   *p = old + v;
   return old;
 }
-inline float atomicAdd(float* p, float v) {
-  const float old = *p;
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
   *p = old + v;
   return old;
 }
-inline double atomicAdd(double* p, double v) {
-  const double old = *p;
-  *p = old + v;
-  return old;
+// Floating-point atomics round in arrival order, which varies from run to run on a GPU, and
+// haltkit promises the same token for the same seed: the emulator stops a kernel that uses them.
+inline float atomicAdd(float*, float) {
+  ::hkemu::refuse("atomicAdd on float (its rounding follows the threads' arrival order)");
+}
+inline double atomicAdd(double*, double) {
+  ::hkemu::refuse("atomicAdd on double (its rounding follows the threads' arrival order)");
 }
 inline int atomicMin(int* p, int v) {
   const int old = *p;

@@ -11,6 +11,7 @@
 //   - a thread that returns while others of its block wait at a barrier or of its warp at a
 //     shuffle;
 //   - a shuffle mask other than 0xffffffff (haltkit's kernels only use full warps);
+//   - a floating-point atomicAdd (its rounding follows arrival order: not reproducible);
 //   - no runnable fiber left while some still wait (a deadlock).
 #include "cuda_runtime.h"
 
@@ -359,6 +360,10 @@ uint64_t shuffle(const char* file, int line, Collective kind, unsigned mask, uin
   if (++g_warp_arrived[w] + g_warp_done[w] == 32) release_warp(w);
   to_scheduler();
   return f.result;
+}
+
+void refuse(const char* what) {
+  fail("thread " + std::to_string(g_current->tid) + ": " + what);
 }
 
 void launch(const char* kernel, dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
