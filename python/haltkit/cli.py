@@ -12,16 +12,37 @@ import torch
 __all__ = ["main"]
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one (not for None or a flag left off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _user_errors(command: str, run, args: argparse.Namespace) -> int:
+    """Run a subcommand; a refused input (ValueError, TypeError, a missing file) prints one line
+    and exits 2, as argparse does for a bad flag, instead of a traceback."""
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"haltkit {command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .cli_engine import run_demo
 
-    return run_demo(args)
+    return _user_errors("demo", run_demo, args)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .cli_engine import run_generate
 
-    return run_generate(args)
+    return _user_errors("generate", run_generate, args)
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -84,7 +105,7 @@ def _train_head(args: argparse.Namespace) -> int:
     task, problems, task_id = _task_and_problems(args)
     rc = RolloutConfig(every=args.every, max_think=args.max_think, max_answer=args.max_answer,
                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                       probe_batch=args.probe_batch)
+                       probe_batch=args.probe_batch, shard_size=args.batch_size)
     cfg = HeadTrainConfig(hidden=args.hidden, seed=args.seed)
     metrics, status = run_train_head(args.model, args.out, task, problems, task_id, rc, cfg, _conventions(args),
                                      args.gguf_file, args.val_frac, args.test_frac, args.restart, sys.stdout,
@@ -114,7 +135,8 @@ def _eval_exits(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     task, problems, _ = _task_and_problems(args, held_out=True)
     result = eval_exits(args.model, args.value_head, task, problems, args.out, gguf_file=args.gguf_file,
-                        every=args.every, batch_size=args.batch_size, progress=not args.no_progress)
+                        batch_size=args.batch_size, check_generate=not args.no_generate_check,
+                        progress=not args.no_progress)
     print(result["markdown"])
     print(f"written: {result['files']}")
     return 0
@@ -130,7 +152,6 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=None, help="use the first N problems (chain sums: how many)")
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside --model (needs the gguf package)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--every", type=int, default=2, help="probe spacing in think tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,11 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``haltkit`` command."""
     parser = argparse.ArgumentParser(prog="haltkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="haltkit.generate on the shipped toy model: value exits and a draft")
-    demo.add_argument("--backend", default="auto")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="haltkit.generate on the shipped toy model: value exits and a draft",
+                          formatter_class=_Help)
+    demo.add_argument("--backend", default="auto", help="the epilogue's backend: auto, torch, triton, cpu, cuda")
+    demo.add_argument("--seed", type=int, default=0, help="picks the problems and the sampled rows' seeds")
     demo.set_defaults(func=_demo)
-    gen = sub.add_parser("generate", help="generate from a local checkpoint with value exits and speculation")
+    gen = sub.add_parser("generate", help="generate from a local checkpoint with value exits and speculation",
+                         formatter_class=_Help)
     from .cli_engine import add_generate_args
 
     add_generate_args(gen)
@@ -170,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     th.add_argument("--exit-text", default=None, help="forced at an exit (default: think-close + '\\n\\n')")
     th.add_argument("--eos-id", type=int, action="append", default=None, help="EOS id (repeat; default: the "
                     "generation config's)")
+    th.add_argument("--every", type=int, default=2, help="probe spacing in think tokens")
     th.add_argument("--max-think", type=int, default=320, help="thinking budget of the rollouts")
     th.add_argument("--max-answer", type=int, default=16, help="answer tokens read per probe")
     th.add_argument("--temperature", type=float, default=0.0, help="think-phase sampling (0: greedy); rollout i "
@@ -185,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--model", required=True, help="a Hugging Face model directory")
     ev.add_argument("--value-head", required=True, help="a head written by train-head")
     ev.add_argument("--out", required=True, help="directory for eval_exits.{json,md,png}")
+    ev.add_argument("--no-generate-check", action="store_true", help="skip the haltkit.generate run that checks "
+                    "the replayed default operating point")
     _add_task_args(ev)
     ev.set_defaults(func=_eval_exits)
     args = parser.parse_args(argv)

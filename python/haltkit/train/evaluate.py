@@ -1,13 +1,13 @@
 """``haltkit eval-exits``: accuracy against think tokens for a model, its value head and a task.
 
-Every point but the oracle is a real :func:`haltkit.generate` run (greedy, the head's exit
-tokens and EOS ids, its thinking budget): no exit; the head across prices (its calibrated
-operating points and multiples of them, at its calibrated patience); fixed thinking budgets
-(the exit text forced at the budget: truncation). The oracle comes from forced-answer rollouts
-of the same problems: the earliest probe from which every forced answer scores what the last
-one does. Each head point is compared with truncation at the same mean think tokens
-(interpolated between the measured budgets). With levels in the task, every figure is also
-given per level.
+Points: no exit; the head across prices (multiples of its calibrated price, at its calibrated
+patience); fixed thinking budgets (the exit text forced at the budget: truncation); the oracle
+(the earliest think length from which every forced answer scores what the last one does). All
+come exactly, for greedy decoding, from one set of rollouts with a probe after every think token
+(see :func:`eval_exits`); the head's default point is cross-checked with a real
+:func:`haltkit.generate` run. Each head point is compared with truncation at the same mean think
+tokens (interpolated between the budgets). With levels in the task, every figure is also given
+per level.
 """
 
 from __future__ import annotations
@@ -115,24 +115,32 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: str, gguf_file: str | None = None,
-               every: int = 2, batch_size: int = 64, lambda_factors=(0.25, 0.5, 1.0, 2.0, 4.0),
-               budget_fractions=(0.1, 0.25, 0.5, 0.75), progress: bool = True, model_and_tokenizer=None) -> dict:
+               batch_size: int = 64, lambda_factors=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0),
+               budget_fractions=(0.25, 0.5, 0.75, 1.0, 1.5), check_generate: bool = True, progress: bool = True,
+               model_and_tokenizer=None) -> dict:
     """The frontier of a head on a task: JSON, markdown table and PNG under ``out_dir``.
+
+    Greedy rollouts of every problem with a forced-answer probe after every think token give
+    every point exactly for greedy decoding: a value exit after n think tokens forces the exit
+    text there, which is the probe at n; a budget b is the probe at min(T, b); no exit is the
+    rollout itself. The head is replayed on the rollouts' hidden states with the kernel's rule
+    (:func:`haltkit.train.head.simulate_exits`) across prices, at its calibrated patience. With
+    ``check_generate`` the head's default operating point is also run through
+    :func:`haltkit.generate` and compared with its replay, problem by problem.
 
     Args:
         model_dir: the model the head was trained for; head_path: a ``train-head`` head file.
         task, problems: the evaluation problems (held out from training).
-        every: probe spacing of the oracle's rollouts.
-        lambda_factors: multiples of the default operating point's price to run.
-        budget_fractions: fixed budgets as fractions of the head's thinking budget.
+        lambda_factors: multiples of the default operating point's price.
+        budget_fractions: fixed budgets as multiples of the mean no-exit think length.
     Returns:
-        {"rows": overall summary, "per_level": {level: rows}, "markdown", "files"}.
+        {"rows": overall summary, "per_level": {group: rows}, "markdown", "files"}.
     Raises:
         ValueError: a head without train-head metadata, or one of another model / tokenizer.
     """
     from ..value_head import load_value_head
     from .conventions import Conventions
-    from .head import baselines, load_model
+    from .head import _reward_at, head_values, load_model, simulate_exits
     from .pipeline import RolloutConfig, rollout_batch
 
     model, tok = model_and_tokenizer or load_model(model_dir, gguf_file)
@@ -142,47 +150,84 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
     conv = Conventions.from_dict(head.meta["conventions"])
     prompt_ids = conv.render_all(tok, problems)
     B = int(head.meta["thinking_budget"])
-    ops = head.meta.get("operating_points") or {}
     default = head.exit_defaults()
-    settings = [{"kind": "no_exit", "label": "no exit", "policy": {"cost_of_time": None}}]
-    lams = {}
-    if "cost_of_time" in default:
-        for f in lambda_factors:
-            lams[round(default["cost_of_time"] * f, 8)] = f"head, lambda {default['cost_of_time'] * f:.4g}"
-    for name, op in ops.items():
-        lams[round(op["cost_of_time"], 8)] = f"head, lambda {op['cost_of_time']:.4g} ({name})"
     patience = default.get("patience", 1)
-    for lam, label in sorted(lams.items()):
-        settings.append({"kind": "head", "label": f"{label}, patience {patience}",
-                         "policy": {"cost_of_time": lam, "patience": patience}})
-    for f in budget_fractions:
-        b = max(1, round(B * f))
-        settings.append({"kind": "budget", "label": f"budget {b}", "policy": {"cost_of_time": None,
-                                                                             "thinking_budget": b}})
-    points = run_points(model, tok, head, conv, task, problems, prompt_ids, settings, batch_size, progress)
-    # The oracle: greedy rollouts with probes on the same problems.
-    rc = RolloutConfig(every=every, max_think=B, max_answer=int(head.meta.get("max_answer_tokens", 16)),
+    rc = RolloutConfig(every=1, max_think=B, max_answer=int(head.meta.get("max_answer_tokens", 16)),
                        batch_size=batch_size)
     rollouts = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(problems), desc="eval-exits rollouts", unit="prompt")
     for i in range(0, len(problems), batch_size):
         rollouts += rollout_batch(model, tok, conv, task, problems[i : i + batch_size], prompt_ids[i : i + batch_size],
                                   rc, i)
+        if bar is not None:
+            bar.update(len(problems[i : i + batch_size]))
+    if bar is not None:
+        bar.close()
+    values = head_values(head, rollouts, B)
+    lam0 = default.get("cost_of_time")
+    lams = sorted({round(lam0 * f, 10) for f in lambda_factors} if lam0 is not None else set())
+    for op in (head.meta.get("operating_points") or {}).values():
+        lams = sorted(set(lams) | {round(op["cost_of_time"], 10)})
+    T_all = torch.tensor([len(r.think_ids) for r in rollouts], dtype=torch.float32)
+    budgets = sorted({max(1, min(B, round(float(T_all.mean()) * f))) for f in budget_fractions})
+    # Per problem: think tokens and score of every setting.
+    points = [{"kind": "no_exit", "label": "no exit", "think": T_all.tolist(),
+               "correct": [float(r.reward[-1]) for r in rollouts]}]
+    for lam in lams:
+        th, ok = [], []
+        for r, v in zip(rollouts, values):
+            acc, think = simulate_exits([r], [v], torch.tensor([lam]), patience)
+            th.append(float(think[0]))
+            ok.append(float(acc[0]))
+        points.append({"kind": "head", "label": f"head, lambda {lam:.4g}, patience {patience}", "cost_of_time": lam,
+                       "think": th, "correct": ok})
+    for b in budgets:
+        th = [float(min(len(r.think_ids), b)) for r in rollouts]
+        ok = [float(_reward_at(r, torch.tensor([min(len(r.think_ids), b)]))[0]) for r in rollouts]
+        points.append({"kind": "budget", "label": f"budget {b}", "think": th, "correct": ok})
+    orc_t, orc_ok = [], []
+    for r in rollouts:
+        same = (r.reward == r.reward[-1]).flip(0).long().cumprod(0).flip(0)
+        orc_t.append(float(r.checkpoints[int(same.argmax())]))
+        orc_ok.append(float(r.reward[-1]))
+    points.append({"kind": "oracle", "label": "oracle", "think": orc_t, "correct": orc_ok})
+    check = None
+    if check_generate and lam0 is not None:
+        gen = run_points(model, tok, head, conv, task, problems, prompt_ids,
+                         [{"kind": "generate", "label": f"head via haltkit.generate, lambda {lam0:.4g}", "policy": {}}],
+                         batch_size, progress=False)[0]
+        replay = next(p for p in points if p.get("cost_of_time") == round(lam0, 10))
+        same = sum(int(a == b) for a, b in zip(gen["think"], replay["think"]))
+        check = {"generate": {"accuracy": sum(gen["correct"]) / len(problems),
+                              "think_tokens": sum(gen["think"]) / len(problems)},
+                 "replay": {"accuracy": sum(replay["correct"]) / len(problems),
+                            "think_tokens": sum(replay["think"]) / len(problems)},
+                 "same_think_length": same / len(problems)}
     levels = sorted({p.difficulty for p in problems})
     groups = {"all": list(range(len(problems)))}
     if len(levels) > 1:
         groups.update({f"level {lv}": [i for i, p in enumerate(problems) if p.difficulty == lv] for lv in levels})
     result = {"model": os.path.abspath(model_dir), "head": os.path.abspath(head_path), "problems": len(problems),
-              "distinct_questions": len({p.question for p in problems}), "per_group": {}}
+              "distinct_questions": len({p.question for p in problems}), "patience": patience,
+              "thinking_budget": B, "generate_check": check, "per_group": {}}
     md = [f"# eval-exits: {os.path.basename(os.path.abspath(model_dir))}, {len(problems)} problems "
           f"({result['distinct_questions']} distinct questions)", "",
-          f"Greedy `haltkit.generate` runs; thinking budget {B}; head patience {patience}; oracle from forced-answer "
-          f"probes every {every} think tokens. 'truncation at the same tokens' interpolates the fixed-budget runs "
-          "at the head point's mean think tokens.", ""]
+          f"Greedy decoding, thinking budget {B}, head patience {patience} (from the head file). Every point is "
+          "exact for greedy decoding: a forced-answer probe after every think token, the head replayed with the "
+          "kernel's exit rule. 'truncation at the same tokens' interpolates the fixed budgets at the head point's "
+          "mean think tokens.", ""]
+    if check is not None:
+        md += [f"Check against `haltkit.generate` at the default operating point: accuracy "
+               f"{check['generate']['accuracy']:.3f} vs replay {check['replay']['accuracy']:.3f}, think tokens "
+               f"{check['generate']['think_tokens']:.1f} vs {check['replay']['think_tokens']:.1f}; the same think "
+               f"length for {check['same_think_length']:.1%} of problems.", ""]
     os.makedirs(out_dir, exist_ok=True)
     for name, idx in groups.items():
         rows = _summary(points, idx)
-        orc = baselines([rollouts[i] for i in idx], [])["oracle"]
-        rows.append({"kind": "oracle", "label": "oracle", **orc})
         result["per_group"][name] = rows
         md.append(frontier_markdown(rows, f"{name} ({len(idx)} problems)"))
     result["points"] = points
@@ -195,4 +240,5 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
         f.write(text)
     _plot(result["per_group"]["all"], files["png"], f"{os.path.basename(os.path.abspath(model_dir))}: accuracy vs "
           "think tokens")
-    return {"rows": result["per_group"]["all"], "per_level": result["per_group"], "markdown": text, "files": files}
+    return {"rows": result["per_group"]["all"], "per_level": result["per_group"], "markdown": text, "files": files,
+            "generate_check": check}

@@ -229,9 +229,10 @@ def file_hash(path: str | os.PathLike | None) -> str | None:
 def manifest_key(model, tokenizer, conv: Conventions, cfg: RolloutConfig, task_id: dict, count: int) -> dict:
     """What a stored collection was made with: model identity and weights, tokenizer, conventions,
     the task (file hash, verifier) and the settings, and the number of prompts."""
-    return {"model": {**model_identity(model), "weights": weights_hash(model)},
-            "tokenizer": tokenizer_fingerprint(tokenizer), "conventions": conv.to_dict(), "task": task_id,
-            "settings": asdict(cfg), "prompts": count}
+    key = {"model": {**model_identity(model), "weights": weights_hash(model)},
+           "tokenizer": tokenizer_fingerprint(tokenizer), "conventions": conv.to_dict(), "task": task_id,
+           "settings": asdict(cfg), "prompts": count}
+    return json.loads(json.dumps(key))  # as stored: tuples become lists
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
