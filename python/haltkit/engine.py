@@ -179,6 +179,7 @@ def _check_setup(model, tokenizer, value_head, vocab, hidden, source) -> None:
                 f"the value head reads hidden states of size {value_head.d_model} "
                 f"but the model's final hidden state has size {hidden}"
             )
+        value_head.check_compatible(model, tokenizer)  # a trained head's vocabulary and tokenizer
     if source is not None:
         source.check(model, vocab)
 
@@ -228,8 +229,9 @@ def generate(
         tokenizer: encodes ``prompts`` and decodes the result's ``text`` (optional otherwise).
         attention_mask: [B, T] 0/1 with a tensor ``input_ids``.
         value_head: a :class:`MarginalValueHead` reading the model's final hidden state, or None.
-        exit: one :class:`ExitPolicy` for all, or one per sequence. Default: no value exits,
-            EOS from the tokenizer (else the model's generation config), max_new_tokens 256.
+        exit: one :class:`ExitPolicy` for all, or one per sequence. Default: the value head's
+            own (``value_head.exit_policy()``) when it carries train-head metadata; else no value
+            exits, EOS from the tokenizer (else the model's generation config), max_new_tokens 256.
         sampling: one :class:`SamplingParams` for all, or one per sequence. Default greedy.
         draft: None, a draft model (``nn.Module``), ``"ngram"``, ``"layer:L"``, or a source from
             :mod:`haltkit.drafts` (``DraftModel``, ``PromptLookup``, ``EarlyLayerDraft``).
@@ -267,6 +269,8 @@ def generate(
     B = len(lists)
     device = next(model.parameters()).device
     sampling = SamplingParams(temperature=0.0) if sampling is None else sampling
+    if exit is None and value_head is not None and value_head.meta:
+        exit = value_head.exit_policy()  # a trained head's exit tokens, EOS, budget, lambda and patience
     requests = pack_requests(sampling, _default_exit(tokenizer, model) if exit is None else exit,
                              vocab, B, device)
     max_new = requests.max_new_tokens.tolist()

@@ -47,7 +47,8 @@ class ValueExit:
     Args:
         model: the Hugging Face causal LM that will run ``generate``.
         value_head: a :class:`MarginalValueHead` reading the model's final hidden state, or None.
-        exit: one :class:`ExitPolicy` for all rows, or one per row.
+        exit: one :class:`ExitPolicy` for all rows, or one per row. Default: the head's own
+            (``value_head.exit_policy()``) when it carries train-head metadata, else ``ExitPolicy()``.
         sampling: one :class:`SamplingParams` for all rows, or one per row. Default greedy.
         batch_size: B; needed when both ``exit`` and ``sampling`` are single values.
         pad_token_id: the token given to Hugging Face for a row that emits nothing. Default: the
@@ -63,7 +64,7 @@ class ValueExit:
         self,
         model: nn.Module,
         value_head: MarginalValueHead | None = None,
-        exit: ExitPolicy | Sequence[ExitPolicy] = ExitPolicy(),
+        exit: ExitPolicy | Sequence[ExitPolicy] | None = None,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         batch_size: int | None = None,
         pad_token_id: int | None = None,
@@ -78,6 +79,10 @@ class ValueExit:
                 f"the value head reads hidden states of size {value_head.d_model} "
                 f"but the model's final hidden state has size {hidden}"
             )
+        if value_head is not None:
+            value_head.check_compatible(model)
+        if exit is None:
+            exit = value_head.exit_policy() if value_head is not None and value_head.meta else ExitPolicy()
         sampling = SamplingParams(temperature=0.0) if sampling is None else sampling
         self.device = next(model.parameters()).device
         self.requests = pack_requests(sampling, exit, vocab, batch_size, self.device)
