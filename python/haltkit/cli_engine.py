@@ -23,14 +23,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     """The options of ``haltkit generate``."""
     p.add_argument("--model", required=True, help="a local checkpoint directory (config, weights, tokenizer)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--value-head", default=None, help="a value head saved by MarginalValueHead.save")
+    p.add_argument("--value-head", default=None, help="a value head file; one written by train-head also gives the "
+                   "chat template, exit text, EOS ids, thinking budget, lambda and patience (options override)")
     p.add_argument("--cost-of-time", type=float, default=None, help="lambda: the price of one more step")
-    p.add_argument("--patience", type=int, default=1)
+    p.add_argument("--patience", type=int, default=None, help="default: the head's, else ExitPolicy's")
     p.add_argument("--thinking-budget", type=int, default=None)
     p.add_argument("--exit-text", default=None, help="text forced at a thinking exit, e.g. '</think>A:'")
     p.add_argument("--draft", default=None, help="a draft checkpoint directory, 'ngram' or 'layer:L'")
     p.add_argument("--draft-len", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the head's, else 64")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -51,22 +52,34 @@ def run_generate(args: argparse.Namespace) -> int:
     """``haltkit generate``: load, generate, print the result table (or JSON)."""
     import os
 
-    from . import ExitPolicy, MarginalValueHead, SamplingParams, generate
+    from . import ExitPolicy, SamplingParams, generate
     from .drafts import as_draft_source
+    from .value_head import load_value_head
 
     model, tok = _load_local(args.model)
-    head = MarginalValueHead.load(args.value_head) if args.value_head else None
+    head = load_value_head(args.value_head, model, tok) if args.value_head else None
+    defaults = head.exit_defaults() if head is not None else {}
     # A checkpoint directory, else "ngram" or "layer:L" (anything else raises, saying what is accepted).
     draft = args.draft if args.draft is None or not os.path.isdir(args.draft) else _load_local(args.draft)[0]
     draft = as_draft_source(draft, max_len=args.draft_len)
     eos = tok.eos_token_id
-    exit_tokens = tuple(tok.encode(args.exit_text, add_special_tokens=False)) if args.exit_text else ()
-    policy = ExitPolicy(cost_of_time=args.cost_of_time, patience=args.patience, max_new_tokens=args.max_new_tokens,
-                        eos_token_ids=() if eos is None else (eos,), thinking_budget=args.thinking_budget,
-                        exit_tokens=exit_tokens)
+    given = {"cost_of_time": args.cost_of_time, "patience": args.patience, "max_new_tokens": args.max_new_tokens,
+             "thinking_budget": args.thinking_budget,
+             "exit_tokens": tuple(tok.encode(args.exit_text, add_special_tokens=False)) if args.exit_text else None}
+    policy = ExitPolicy(**{"max_new_tokens": 64, "eos_token_ids": () if eos is None else (eos,), **defaults,
+                           **{k: v for k, v in given.items() if v is not None}})
     sampling = [SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed + i)
                 for i in range(len(args.prompt))]
-    res = generate(model, prompts=args.prompt, tokenizer=tok, value_head=head, exit=policy, sampling=sampling,
+    conv = (head.meta or {}).get("conventions") if head is not None else None
+    if conv:  # the head's chat template and thinking tag, rendered once (a templated prompt is used as is)
+        from .tasks import Problem
+        from .train.conventions import Conventions
+
+        ids = Conventions.from_dict(conv).render_all(tok, [Problem(p, "") for p in args.prompt])
+        prompt_kw = {"input_ids": ids}
+    else:
+        prompt_kw = {"prompts": args.prompt}
+    res = generate(model, **prompt_kw, tokenizer=tok, value_head=head, exit=policy, sampling=sampling,
                    draft=draft, compile=args.compile, backend=args.backend)
     print(json.dumps(res.to_dict(), indent=1) if args.json else res)
     return 0
