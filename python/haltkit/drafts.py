@@ -16,7 +16,9 @@ agree, and acceptance stays high. Every source returns its own length per sequen
 The interface (what :func:`haltkit.generate` calls):
 
 * ``max_len`` (K) and ``adaptive``: the longest draft, and whether the engine shortens a
-  sequence's drafts while its recent drafts are rejected;
+  sequence's drafts while its recent drafts are rejected (True), or sets them from a cost model
+  measured in the call, down to no draft at all (``"cost"``: :class:`DraftLengthPolicy`, whose
+  per-call instance the source holds as ``policy``);
 * ``check(model, vocab_size)``: raise before any work when the source cannot serve ``model``;
 * ``start(target, batch, capacity, compile)``: per-call set-up;
 * ``propose(ctx, k) -> (tokens [P, k] int64, lens [P] int32, probs [P, k, V] | [P, k] | None)``;
@@ -25,7 +27,9 @@ The interface (what :func:`haltkit.generate` calls):
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +41,7 @@ from .runner import ModelRunner, model_dims
 from .speculative import sampling_probs
 from .state import DecodeState
 
-__all__ = ["DraftContext", "DraftModel", "EarlyLayerDraft", "PromptLookup", "as_draft_source"]
+__all__ = ["DraftContext", "DraftLengthPolicy", "DraftModel", "EarlyLayerDraft", "PromptLookup", "as_draft_source"]
 
 
 @dataclass
@@ -73,13 +77,158 @@ def _check_len(max_len: object) -> int:
     return max_len
 
 
+class DraftLengthPolicy:
+    """Draft lengths that pay for themselves: acceptance per sequence against step costs measured
+    in the call (a source built with ``adaptive="cost"`` owns one per ``generate`` call).
+
+    The cost model. ``T(w)`` is the wall time of one step of width ``w`` (``w`` drafted tokens per
+    row; ``w = 0`` is a plain decode step with no draft work), measured host sync to host sync, so
+    it holds the draft's own cost, the wider verification forward and the bookkeeping; compile
+    time is left out. An unmeasured width is interpolated linearly between measured ones, and past
+    the widest measured one it is taken as that one's cost (optimism, so that a width that might
+    pay is tried once). Each sequence keeps an estimate ``a_b`` of the chance that a drafted
+    token is accepted (accepted and rejected counts decayed by 0.8 a step, prior 0.3 of weight
+    2): a draft of ``w`` tokens then yields ``E_b(w) = 1 + a_b + ... + a_b^w`` tokens a step. Every
+    row pays the step, so the batch drafts at ``w* = argmax_w sum_b E_b(w) / T(w)``, a width
+    above 0 only when it beats the plain step by 5% (20% while its cost is unmeasured). A
+    sequence drafts ``w*`` tokens when its own best width is positive, else none; when no
+    sequence drafts, the step is a plain decode step.
+
+    While it does not draft, a sequence's estimate comes from "shadow" drafts where drafting is
+    cheap (prompt lookup: the would-be first draft token is checked against the emitted one), and
+    otherwise from probes: a width-1 step after ``g`` idle steps, ``g`` sized so that probes cost
+    at most 2% of the plain steps, doubled after every failed probe.
+
+    Args:
+        max_len: K, the longest draft.
+        batch: P rows.
+        device: where the per-row state lives.
+        compile: compiled steps have fixed shapes, so the widths are 0 and K only.
+        shadow: the source's drafts are cheap enough to propose at every plain step.
+    """
+
+    PRIOR, PRIOR_WEIGHT, DECAY = 0.3, 2.0, 0.8
+    MARGIN, EXPLORE_MARGIN, PROBE_BUDGET, WARMUP = 1.05, 1.2, 0.02, 3
+
+    def __init__(self, max_len: int, batch: int, device: torch.device, compile: bool, shadow: bool) -> None:
+        self.K, self.shadow = max_len, shadow
+        self.widths = [0, max_len] if compile else list(range(max_len + 1))
+        self.T: dict[int, float] = {}  # measured seconds per step, by width
+        self._last: tuple[int, float, float] | None = None
+        self._compile = compile
+        z = dict(dtype=torch.float32, device=device)
+        self.accepted = torch.zeros(batch, **z)  # decayed counts of accepted / rejected draft tokens
+        self.rejected = torch.zeros(batch, **z)
+        self.seen = torch.zeros(batch, **z)  # observations so far (shadow warm-up)
+        self.idle = torch.zeros(batch, dtype=torch.int64, device=device)  # steps since the row last drafted
+        self.gap = torch.ones(batch, dtype=torch.int64, device=device)  # probe gap, in units of the base gap
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Follow the engine's compaction: keep rows ``idx`` ([n] int64), in that order."""
+        for name in ("accepted", "rejected", "seen", "idle", "gap"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+
+    def tick(self, width: int) -> None:
+        """Called right after the step's host sync, with the width of the step about to run:
+        the time since the previous call is that of the previous step."""
+        now = time.perf_counter()
+        comp = _compile_seconds() if self._compile else 0.0
+        if self._last is not None:
+            w, t0, c0 = self._last
+            dt = now - t0 - (comp - c0)
+            self.T[w] = dt if w not in self.T else 0.7 * self.T[w] + 0.3 * dt
+        self._last = (width, now, comp)
+
+    def cost(self, w: int) -> tuple[float, bool]:
+        """(T(w) in seconds, or relative to a unit plain step before any is measured; measured?)."""
+        if w in self.T:
+            return self.T[w], True
+        known = sorted(self.T)
+        below = [m for m in known if m < w]
+        above = [m for m in known if m > w]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return self.T[lo] + (self.T[hi] - self.T[lo]) * (w - lo) / (hi - lo), False
+        if below:
+            return self.T[below[-1]], False
+        if above:
+            return self.T[above[0]], False
+        return 1.0, False
+
+    def observe(self, drafted: torch.Tensor, accepted: torch.Tensor) -> None:
+        """A step's outcome per row: ``drafted`` [P] drafted tokens offered (0: no observation),
+        ``accepted`` [P] of them accepted (a run from the first)."""
+        d, a = drafted.to(torch.float32), accepted.to(torch.float32)
+        on = d > 0
+        self.accepted = torch.where(on, self.DECAY * self.accepted + a, self.accepted)
+        self.rejected = torch.where(on, self.DECAY * self.rejected + (a < d).to(torch.float32), self.rejected)
+        self.seen += on.to(torch.float32)
+        # A probe that failed waits twice as long for the next one; an accepted draft resets the wait.
+        self.gap = torch.where(on & (a < d), (self.gap * 2).clamp(max=64), torch.where(on, 1, self.gap))
+
+    def lengths(self, running: torch.Tensor) -> torch.Tensor:
+        """[P] int64 draft lengths for the next step (0: do not draft), on the device; the batch's
+        width is their maximum. ``running``: [P] bool, the rows still decoding."""
+        dev = running.device
+        acc = (self.accepted + self.PRIOR * self.PRIOR_WEIGHT) / (self.accepted + self.rejected + self.PRIOR_WEIGHT)
+        ws = torch.tensor(self.widths, dtype=torch.float32, device=dev)
+        gain = (acc[:, None] ** torch.arange(self.K + 1, device=dev)[None, :]).cumsum(1)[:, ws.long()]  # [P, n]
+        if 0 not in self.T:  # the plain step's cost first: every rate is relative to it
+            return torch.zeros_like(self.idle)
+        costs = [self.cost(w) for w in self.widths]
+        base = costs[0][0]
+        margin = [1.0] + [self.MARGIN if known else self.EXPLORE_MARGIN for _, known in costs[1:]]
+        if not self.shadow:  # drafting is what tells whether drafts pass: explore one width at a time
+            widest = max(self.T)
+            margin = [m if w <= widest or i == 0 or self.widths[i - 1] in self.T else math.inf
+                      for i, (w, m) in enumerate(zip(self.widths, margin))]
+        rate = gain / torch.tensor([c * m for (c, _), m in zip(costs, margin)], device=dev)  # [P, n]
+        ready = running & (self.seen >= self.WARMUP) if self.shadow else running
+        best = torch.where(ready, rate.argmax(1), 0)  # each row's own best width (index)
+        total = (rate * ready[:, None].to(torch.float32)).sum(0)
+        w_star = ws[total.argmax()].long()
+        k = torch.where((best > 0) & (w_star > 0), w_star, 0)
+        if not self.shadow:
+            # Probes: a width-1 step (K when compiled) once a row has idled for its gap, the base
+            # gap sized so that probing costs at most PROBE_BUDGET of the plain steps.
+            w1 = self.widths[1]
+            base_gap = max(4, math.ceil((self.cost(w1)[0] / base - 1.0) / self.PROBE_BUDGET)) if 0 in self.T else 4
+            probe = running & (k == 0) & (self.idle >= self.gap * base_gap)
+            k = torch.where(probe, w1, k)
+        k = torch.where(running, k, 0)
+        self.idle = torch.where(k > 0, 0, self.idle + 1)
+        return k
+
+
+def _policy(source, batch: int, device: torch.device, compile: bool, shadow: bool) -> DraftLengthPolicy | None:
+    """The source's per-call length policy, when it sets its lengths by cost."""
+    if source.adaptive != "cost":
+        return None
+    return DraftLengthPolicy(source.max_len, batch, device, compile, shadow)
+
+
+def _compile_seconds() -> float:
+    from .compiled import compile_seconds_since
+
+    return compile_seconds_since(0.0)
+
+
+def _check_adaptive(adaptive: object) -> bool | str:
+    if isinstance(adaptive, str):
+        if adaptive != "cost":
+            raise ValueError(f"draft adaptive must be False, True or 'cost', got {adaptive!r}")
+        return adaptive
+    return bool(adaptive)
+
+
 class _ModelDrafter:
     """Shared loop of the two model drafts: catch up the draft's cache, then draw k tokens, each
     draft step one forward plus ``decode_step`` (one compiled graph when the engine compiles)."""
 
     max_len: int
-    adaptive: bool
+    adaptive: bool | str
     runner: ModelRunner | None = None
+    policy: DraftLengthPolicy | None = None
     compile = False
     #: Forward passes of the draft (model or early layers) since ``start``.
     forwards = 0
@@ -162,8 +311,11 @@ class DraftModel(_ModelDrafter):
     Args:
         model: the draft model (a Hugging Face causal LM), on the target's device.
         max_len: K, the longest draft. Default 4.
-        adaptive: shorten a sequence's drafts while they are rejected (+2 after a fully accepted
-            draft, -1 otherwise, within [1, K]). Default False.
+        adaptive: False (always K), True (shorten a sequence's drafts while they are rejected:
+            +2 after a fully accepted draft, -1 otherwise, within [1, K]) or "cost" (lengths from
+            a cost model measured in the call, 0 when drafting does not pay: see
+            :class:`DraftLengthPolicy`). Default False; ``draft=`` given a module or a name
+            builds its source with "cost".
 
     Example:
         >>> haltkit.generate(target, ids, draft=DraftModel(small, max_len=4))
@@ -171,8 +323,8 @@ class DraftModel(_ModelDrafter):
 
     name = "draft-model"
 
-    def __init__(self, model: nn.Module, max_len: int = 4, adaptive: bool = False) -> None:
-        self.model, self.max_len, self.adaptive = model, _check_len(max_len), bool(adaptive)
+    def __init__(self, model: nn.Module, max_len: int = 4, adaptive: bool | str = False) -> None:
+        self.model, self.max_len, self.adaptive = model, _check_len(max_len), _check_adaptive(adaptive)
         self.D: torch.Tensor | None = None
 
     def check(self, model: nn.Module, vocab_size: int) -> None:
@@ -189,6 +341,7 @@ class DraftModel(_ModelDrafter):
         self.runner = ModelRunner(self.model, batch, capacity)
         self.compile, self.forwards = compile, 0
         self.D = torch.zeros(batch, dtype=torch.int64, device=target.device)
+        self.policy = _policy(self, batch, target.device, compile, shadow=False)
 
     def _cached(self, ctx: DraftContext) -> torch.Tensor:
         return self.D
@@ -208,6 +361,8 @@ class DraftModel(_ModelDrafter):
         else:
             self.runner = self.runner.compact(idx)
         self.D = self.D.index_select(0, idx)
+        if self.policy is not None:
+            self.policy.select_rows(idx)
 
 
 class EarlyLayerDraft(_ModelDrafter):
@@ -223,8 +378,8 @@ class EarlyLayerDraft(_ModelDrafter):
 
     name = "early-layer"
 
-    def __init__(self, layers: int, max_len: int = 4, adaptive: bool = False) -> None:
-        self.layers, self.max_len, self.adaptive = layers, _check_len(max_len), bool(adaptive)
+    def __init__(self, layers: int, max_len: int = 4, adaptive: bool | str = False) -> None:
+        self.layers, self.max_len, self.adaptive = layers, _check_len(max_len), _check_adaptive(adaptive)
 
     def check(self, model: nn.Module, vocab_size: int) -> None:
         """Raise ValueError/TypeError when the target cannot be cut at ``layers``."""
@@ -235,6 +390,7 @@ class EarlyLayerDraft(_ModelDrafter):
     def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
         self.runner = ModelRunner(target.model, batch, capacity, layers=self.layers, cache=target.cache)
         self.compile, self.forwards = compile, 0
+        self.policy = _policy(self, batch, target.device, compile, shadow=False)
 
     def _cached(self, ctx: DraftContext) -> torch.Tensor:
         # The target's verification pass wrote these layers at every position it scored; its
@@ -248,7 +404,9 @@ class EarlyLayerDraft(_ModelDrafter):
         return ctx.length
 
     def select_rows(self, idx: torch.Tensor) -> None:
-        pass  # the shared cache is compacted by the target
+        # The shared cache is compacted by the target.
+        if self.policy is not None:
+            self.policy.select_rows(idx)
 
 
 class PromptLookup:
@@ -263,8 +421,11 @@ class PromptLookup:
 
     name = "prompt-lookup"
 
-    def __init__(self, max_len: int = 4, max_ngram: int = 3, min_ngram: int = 1, adaptive: bool = False) -> None:
-        self.max_len, self.adaptive = _check_len(max_len), bool(adaptive)
+    policy: DraftLengthPolicy | None = None
+
+    def __init__(self, max_len: int = 4, max_ngram: int = 3, min_ngram: int = 1,
+                 adaptive: bool | str = False) -> None:
+        self.max_len, self.adaptive = _check_len(max_len), _check_adaptive(adaptive)
         if not (isinstance(min_ngram, int) and isinstance(max_ngram, int) and 1 <= min_ngram <= max_ngram):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, max_ngram={max_ngram!r}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -272,11 +433,17 @@ class PromptLookup:
     def check(self, model: nn.Module, vocab_size: int) -> None:
         """Nothing to check: the draft copies the sequence's own tokens."""
 
+    def for_call(self) -> "PromptLookup":
+        """A copy to hold one ``generate`` call's state (its length policy)."""
+        return copy.copy(self)
+
     def start(self, target: ModelRunner, batch: int, capacity: int, compile: bool) -> None:
-        pass
+        # Its drafts cost a few small tensor ops: cheap enough to shadow every plain step.
+        self.policy = _policy(self, batch, target.device, compile, shadow=True)
 
     def select_rows(self, idx: torch.Tensor) -> None:
-        pass
+        if self.policy is not None:
+            self.policy.select_rows(idx)
 
     def propose(
         self, ctx: DraftContext, k: int
@@ -306,7 +473,9 @@ def as_draft_source(draft: object, max_len: int = 4) -> object | None:
     """A draft source from ``generate``'s ``draft`` argument.
 
     Accepts a source, None, an ``nn.Module`` (a :class:`DraftModel`), ``"ngram"`` /
-    ``"prompt-lookup"`` (a :class:`PromptLookup`) or ``"layer:L"`` (an :class:`EarlyLayerDraft`).
+    ``"prompt-lookup"`` (a :class:`PromptLookup`) or ``"layer:L"`` (an :class:`EarlyLayerDraft`);
+    a source built here sets its lengths by cost (``adaptive="cost"``), so it never drafts where
+    drafting does not pay.
     ``max_len`` (K, default 4) is that of the source built from a module or a name; a source
     passed in keeps its own.
 
@@ -316,16 +485,16 @@ def as_draft_source(draft: object, max_len: int = 4) -> object | None:
     if draft is None or isinstance(draft, (DraftModel, EarlyLayerDraft, PromptLookup)):
         return draft
     if isinstance(draft, nn.Module):
-        return DraftModel(draft, max_len=max_len)
+        return DraftModel(draft, max_len=max_len, adaptive="cost")
     if isinstance(draft, str):
         if draft in ("ngram", "prompt-lookup"):
-            return PromptLookup(max_len=max_len)
+            return PromptLookup(max_len=max_len, adaptive="cost")
         if draft.startswith("layer:"):
             try:
                 layers = int(draft.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"draft {draft!r}: expected 'layer:L' with an integer L") from None
-            return EarlyLayerDraft(layers, max_len=max_len)
+            return EarlyLayerDraft(layers, max_len=max_len, adaptive="cost")
         raise ValueError(f"unknown draft {draft!r}; expected 'ngram', 'prompt-lookup' or 'layer:L'")
     raise TypeError(
         f"draft must be None, an nn.Module, 'ngram', 'layer:L' or a draft source, got {type(draft).__name__}"

