@@ -43,7 +43,7 @@ from .rollouts import Rollout
 __all__ = [
     "HeadTrainConfig", "smooth_returns", "marginal_values", "build_examples", "train_head", "auroc", "reliability",
     "sample_problems", "run_train_head", "split_of", "head_values", "simulate_exits", "baselines", "calibrate",
-    "quality_gate", "PATIENCES",
+    "quality_gate", "PATIENCES", "load_model", "head_meta", "calibrate_head_file",
 ]
 
 
@@ -417,13 +417,12 @@ def run_train_head(
     """
     import os
 
-    from .conventions import model_identity, resolve_conventions, tokenizer_fingerprint
+    from .conventions import resolve_conventions
     from .pipeline import RolloutConfig, collect, manifest_key
 
     rc = rollout_cfg or RolloutConfig()
     model, tok = model_and_tokenizer or load_model(model_dir, gguf_file)
     conv = resolve_conventions(tok, model, **(conventions or {}))
-    identity = model_identity(model)
     prompt_ids = conv.render_all(tok, problems)
     key = manifest_key(model, tok, conv, rc, task_id, len(problems))
     os.makedirs(out_dir, exist_ok=True)
@@ -457,21 +456,12 @@ def run_train_head(
     any_right = bool(any(float(r.reward.max()) > 0 for r in rollouts))
     gate = quality_gate(metrics["rollout_accuracy"], any_right, metrics["val"])
     metrics["fit"] = gate
-    default_op = "within_1pt" if "within_1pt" in ops else "no_loss" if "no_loss" in ops else None
-    head.meta = {
-        "model": {**identity, "tokenizer": tokenizer_fingerprint(tok), "name": os.path.basename(
-            os.path.abspath(model_dir).rstrip("/"))},
-        "conventions": conv.to_dict(),
-        "thinking_budget": rc.max_think,
-        "max_answer_tokens": rc.max_answer,
-        "operating_points": {k: v for k, v in ops.items() if k != "no_exit"},
-        "default_operating_point": default_op,
-        "training": {"rollouts": asdict(rc), "head": asdict(head_cfg), "task": task_id, "split": counts},
-        "metrics": {"rollout_accuracy": metrics["rollout_accuracy"],
-                    "val": {k: metrics["val"][k] for k in ("mse", "mse_constant", "auroc_stop_loses_nothing")},
-                    "test": report},
-        "fit": gate,
-    }
+    head.meta = head_meta(
+        model, tok, conv, rc, ops, gate,
+        {"rollouts": asdict(rc), "head": asdict(head_cfg), "task": task_id, "split": counts},
+        {"rollout_accuracy": metrics["rollout_accuracy"],
+         "val": {k: metrics["val"][k] for k in ("mse", "mse_constant", "auroc_stop_loses_nothing")}, "test": report},
+        os.path.basename(os.path.abspath(model_dir).rstrip("/")))
     name = "head.safetensors" if gate["ok"] else "head.unfit.safetensors"
     for stale in ("head.safetensors", "head.unfit.safetensors"):  # never leave a head of an earlier run
         if os.path.exists(os.path.join(out_dir, stale)):
@@ -483,3 +473,44 @@ def run_train_head(
     with open(os.path.join(out_dir, "head_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     return metrics, 0 if gate["ok"] else 3
+
+
+def head_meta(model, tok, conv, rc, ops: dict, fit: dict, training: dict, metrics: dict, name: str) -> dict:
+    """The metadata a head file carries (see :meth:`haltkit.MarginalValueHead.exit_defaults`)."""
+    from .conventions import model_identity, tokenizer_fingerprint
+
+    default_op = "within_1pt" if "within_1pt" in ops else "no_loss" if "no_loss" in ops else None
+    return {"model": {**model_identity(model), "tokenizer": tokenizer_fingerprint(tok), "name": name},
+            "conventions": conv.to_dict(), "thinking_budget": rc.max_think, "max_answer_tokens": rc.max_answer,
+            "operating_points": {k: v for k, v in ops.items() if k != "no_exit"},
+            "default_operating_point": default_op, "training": training, "metrics": metrics, "fit": fit}
+
+
+def calibrate_head_file(head_path: str, out_path: str, model, tok, conv, task, problems: list, rollout_cfg,
+                        progress: bool = True) -> dict:
+    """Give an existing head (weights unchanged) the metadata of :func:`run_train_head`, its
+    operating points chosen on rollouts of ``problems`` (a validation set: never the set a report
+    is made on). Used for the shipped toy head, trained before heads carried metadata.
+
+    Returns:
+        The metadata written to ``out_path``.
+    """
+    from .pipeline import rollout_batch
+
+    head = MarginalValueHead.load(head_path)
+    head.check_compatible(model, tok)
+    prompt_ids = conv.render_all(tok, problems)
+    rollouts = []
+    bs = rollout_cfg.batch_size
+    for i in range(0, len(problems), bs):
+        rollouts += rollout_batch(model, tok, conv, task, problems[i : i + bs], prompt_ids[i : i + bs], rollout_cfg, i)
+        if progress:
+            print(f"calibration rollouts: {len(rollouts)}/{len(problems)}", flush=True)
+    ops = calibrate(head, rollouts, rollout_cfg.max_think)
+    fit = {"ok": True, "reasons": [], "note": "weights trained before the quality gate; operating points calibrated"}
+    head.meta = head_meta(model, tok, conv, rollout_cfg, ops, fit,
+                          {"calibration": {"rollouts": asdict(rollout_cfg), "problems": len(problems),
+                                           "distinct_questions": len({p.question for p in problems})}},
+                          {"calibration_no_exit": ops.get("no_exit")}, "toy target")
+    head.save(out_path)
+    return head.meta
