@@ -21,7 +21,7 @@ PYBIND11_MODULE(HK_MODULE, m) {
   m.def(
       "decode_step",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
-         const hk::Ints& state, const hk::Ints& outputs, const hk::Ints& split, int64_t stream) {
+         const hk::Ints& state, const hk::Ints& outputs, const hk::Ints& split, int device, int64_t stream) {
         hk::DecodeStepArgs a = hk::decode_step_args(logits, hidden, head, requests, state, outputs);
         hk::expect_len("split", split, 2);  // (workspace of B * parts GreedyPart, parts per row)
         a.parts = hk::ptr<hk::GreedyPart>(split[0]);
@@ -29,30 +29,43 @@ PYBIND11_MODULE(HK_MODULE, m) {
         if (a.num_parts > 1 && a.parts == nullptr)
           throw std::invalid_argument("decode_step: splitting rows needs a workspace");
         py::gil_scoped_release release;
-        hk::decode_step_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+        hk::decode_step_cuda(a, device, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
-      py::arg("outputs"), py::arg("split"), py::arg("stream"));
+      py::arg("outputs"), py::arg("split"), py::arg("device"), py::arg("stream"));
   m.def(
       "exit_rules",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
-         const hk::Ints& state, const hk::Ints& rules, int64_t stream) {
+         const hk::Ints& state, const hk::Ints& rules, int device, int64_t stream) {
         const hk::ExitRulesArgs x = hk::exit_rules_args(logits, hidden, head, requests, state, rules);
         py::gil_scoped_release release;
-        hk::exit_rules_cuda(x, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+        hk::exit_rules_cuda(x, device, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
-      py::arg("rules"), py::arg("stream"));
+      py::arg("rules"), py::arg("device"), py::arg("stream"));
   m.def(
       "verify_step",
       [](const hk::Ints& logits, const hk::Ints& hidden, const hk::Ints& head, const hk::Ints& requests,
-         const hk::Ints& state, const hk::Ints& drafts, const hk::Ints& outputs, int64_t stream) {
+         const hk::Ints& state, const hk::Ints& drafts, const hk::Ints& outputs, int device, int64_t stream) {
         const hk::VerifyStepArgs v = hk::verify_step_args(logits, hidden, head, requests, state, drafts, outputs);
         py::gil_scoped_release release;
-        hk::verify_step_cuda(v, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+        hk::verify_step_cuda(v, device, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
       },
       py::arg("logits"), py::arg("hidden"), py::arg("head"), py::arg("requests"), py::arg("state"),
-      py::arg("drafts"), py::arg("outputs"), py::arg("stream"));
+      py::arg("drafts"), py::arg("outputs"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "probe",
+      [](int device) -> std::string {
+        try {
+          py::gil_scoped_release release;
+          hk::probe_cuda(device);
+        } catch (const std::exception& e) {
+          return e.what();
+        }
+        return "";
+      },
+      py::arg("device"),
+      "Why the kernels cannot run on `device` (a driver too old, no code for its arch), or '' when they can.");
 #if defined(HK_CUDA_EMU)
   m.def(
       "set_schedule",

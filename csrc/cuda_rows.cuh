@@ -604,6 +604,27 @@ void require_device() {
   }
 }
 
+// Makes the tensors' device current for a launch (the stream handle belongs to it), restoring the
+// caller's device afterwards: the kernels must not follow whatever device the thread last used.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    require_device();
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice to the tensors' device");
+    set_ = prev_ != device;
+  }
+  ~DeviceGuard() {
+    if (set_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool set_ = false;
+};
+
 // The grid of a row kernel: one block per row up to what the device holds at once, then a
 // persistent grid whose blocks take rows in a grid-stride loop (no tail of short-lived blocks at
 // large B, and the per-block setup is paid once per block, not once per row). Cached per device.

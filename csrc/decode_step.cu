@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_rows(const DecodeStep
 
 }  // namespace
 
-void decode_step_cuda(const DecodeStepArgs& a, void* stream) {
-  require_device();
+void decode_step_cuda(const DecodeStepArgs& a, int device, void* stream) {
+  const DeviceGuard guard(device);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (a.num_parts > 1) {  // a small batch: greedy rows' pass 1 spread over more blocks first
     if (a.B > 65535 || a.num_parts > INT32_MAX || a.parts == nullptr)
@@ -62,6 +62,34 @@ void decode_step_cuda(const DecodeStepArgs& a, void* stream) {
   }
   HK_LAUNCH(decode_step_rows, row_grid(decode_step_rows, a.B), kThreads, 0, st)(a);
   compact_after("decode_step_rows launch", a, st);
+}
+
+// Whether this build's kernels can run on `device`: the driver must support the CUDA version the
+// module was built with, and the module must hold code the GPU can run (SASS for its arch, or
+// PTX it can JIT). Asking for a kernel's attributes loads the module's code for the device,
+// exactly what the first launch would do, without launching anything.
+void probe_cuda(int device) {
+  require_device();
+  int driver = 0, runtime = 0;
+  check(cudaDriverGetVersion(&driver), "cudaDriverGetVersion");
+  check(cudaRuntimeGetVersion(&runtime), "cudaRuntimeGetVersion");
+  if (driver < runtime)
+    throw std::runtime_error("haltkit._C: built with CUDA " + std::to_string(runtime / 1000) + "." +
+                             std::to_string(runtime % 1000 / 10) + ", but the NVIDIA driver supports CUDA " +
+                             std::to_string(driver / 1000) + "." + std::to_string(driver % 1000 / 10) +
+                             " only (CUDA 13 needs a driver >= 580)");
+  const DeviceGuard guard(device);
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  cudaFuncAttributes attr{};
+  const cudaError_t e = cudaFuncGetAttributes(&attr, decode_step_rows);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("haltkit._C: its kernels cannot run on device " + std::to_string(device) +
+                             " (compute capability " + std::to_string(major) + "." + std::to_string(minor) +
+                             "; the module holds sm_80 and sm_90a code and compute_90 PTX): " + cudaGetErrorString(e));
+  }
 }
 
 }  // namespace hk

@@ -37,8 +37,8 @@ __global__ void __launch_bounds__(kThreads, 1) exit_rules_rows(const ExitRulesAr
 
 }  // namespace
 
-void exit_rules_cuda(const ExitRulesArgs& x, void* stream) {
-  require_device();
+void exit_rules_cuda(const ExitRulesArgs& x, int device, void* stream) {
+  const DeviceGuard guard(device);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   HK_LAUNCH(exit_rules_rows, row_grid(exit_rules_rows, x.step.B), kThreads, 0, st)(x);
   check(cudaGetLastError(), "exit_rules_rows launch");

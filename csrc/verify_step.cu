@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(kThreads, 1) verify_step_rows(const VerifyStep
 
 }  // namespace
 
-void verify_step_cuda(const VerifyStepArgs& v, void* stream) {
-  require_device();
+void verify_step_cuda(const VerifyStepArgs& v, int device, void* stream) {
+  const DeviceGuard guard(device);
   const DecodeStepArgs& a = v.step;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   HK_LAUNCH(verify_step_rows, row_grid(verify_step_rows, a.B), kThreads, 0, st)(v);

@@ -198,3 +198,25 @@ def test_emulated_cuda_runs_clean_under_ubsan(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert "runtime error" not in run.stderr, run.stderr[-6000:]
     assert "clean" in run.stdout
+
+
+# --- the launchers' device and the probe ----------------------------------------------------------
+
+
+def test_launchers_make_the_tensors_device_current(emu):
+    # The emulated device is number 0: a launch for device 1 must try to switch to it and fail,
+    # which shows the launchers take the device from their argument, not the thread's current one.
+    x = torch.randn(2, 50)
+    req = pack_requests(SamplingParams(temperature=0.0), ExitPolicy(max_new_tokens=3), 50, 2)
+    cuda = emulated_cuda_backend(emu)
+    cuda._last_args = lambda device: (1, 0)
+    with pytest.raises(RuntimeError, match="cudaSetDevice to the tensors' device: invalid device ordinal"):
+        cuda.decode_step(x, None, req, DecodeState.new(2), None)
+    assert emulated_cuda_backend(emu).decode_step(x, None, req, DecodeState.new(2), None).tokens.tolist() == \
+        x.argmax(1).tolist()
+
+
+def test_the_probe_runs_and_passes_on_the_emulated_device(emu):
+    # The same probe_cuda that haltkit.backends runs on a GPU before "auto" picks "cuda".
+    assert emu.probe(0) == ""
+    assert "invalid device ordinal" in emu.probe(3)

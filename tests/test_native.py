@@ -339,9 +339,10 @@ def test_cuda_module_imports_and_refuses_to_run_without_a_gpu():
         pytest.skip("a CUDA device is visible; the GPU tests cover the module")
     req = (0,) * 13 + (1, 1)
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
-        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, (0, 1), 0)
+        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, (0, 1), 0, 0)
     with pytest.raises(ValueError, match="workspace"):  # the binding's own check comes first
-        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, (0, 4), 0)
+        mod.decode_step((0, 0, 0, 1, 1), (0,) * 4, (0,) * 7, req, (0,) * 7, (0,) * 5, (0, 4), 0, 0)
+    assert "no usable CUDA device" in mod.probe(0)
     with pytest.raises(RuntimeError, match="CUDA device"):
         cuda_backend(mod)
     assert "no CUDA device" in haltkit.backends()["cuda"]
@@ -416,3 +417,38 @@ def test_sanitizer_build_runs_the_vectors_clean(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert "ERROR: AddressSanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-6000:]
     assert "ties" in run.stdout
+
+
+def test_auto_falls_back_with_one_warning_when_the_cuda_module_cannot_run_here(monkeypatch):
+    # A built haltkit._C on a GPU it holds no code for (a T4, a V100) or under a driver older than
+    # its CUDA: "auto" must probe it, pass over it to Triton and say so once; "cuda" must refuse.
+    import importlib
+    import warnings
+
+    backends = importlib.import_module("haltkit.backends")  # haltkit.backends is also a function
+
+    why = "haltkit._C: its kernels cannot run on device 0 (compute capability 7.5; ...): no kernel image"
+
+    class Unrunnable:
+        @staticmethod
+        def probe(index):
+            return why
+
+    real_import = importlib.import_module
+    monkeypatch.setattr(backends.importlib, "import_module",
+                        lambda name: Unrunnable if name == "haltkit._C" else real_import(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    backends._probe.cache_clear()
+    backends._warn_cuda_fallback.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"uses 'triton' instead of 'cuda'.*compute capability 7\.5"):
+            assert backends.resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process, not once per step
+            assert backends.resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+        with pytest.raises(RuntimeError, match="compute capability 7.5"):
+            backends.resolve_backend("cuda", torch.device("cuda", 0))
+    finally:
+        backends._probe.cache_clear()
+        backends._warn_cuda_fallback.cache_clear()

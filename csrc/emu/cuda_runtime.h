@@ -60,7 +60,11 @@ enum cudaError_t : int {
   cudaErrorInvalidDevice = 101,
   cudaErrorLaunchFailure = 719,
 };
-enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr : int {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
 typedef struct CUstream_st* cudaStream_t;
 struct cudaFuncAttributes {
   size_t sharedSizeBytes, constSizeBytes, localSizeBytes;
@@ -72,6 +76,8 @@ cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaGetLastError();
+cudaError_t cudaDriverGetVersion(int* version);
+cudaError_t cudaRuntimeGetVersion(int* version);
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t hkemu_func_attributes(cudaFuncAttributes* attr);
 cudaError_t hkemu_occupancy(int* blocks);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -40,6 +41,12 @@ def _probe(name: str) -> tuple[ModuleType | None, str]:
             return None, f"the CUDA extension haltkit._C is not built ({e})"
         if not torch.cuda.is_available():
             return None, "haltkit._C is built but no CUDA device is visible"
+        # Once per process: a driver older than the build's CUDA, or a GPU the module holds no
+        # code for (it has sm_80 and sm_90a SASS and compute_90 PTX), would fail every launch.
+        for index in range(torch.cuda.device_count()):
+            why = mod.probe(index)
+            if why:
+                return None, why
         return importlib.import_module("haltkit.native").cuda_backend(mod), ""
     if name == "cpu":
         try:
@@ -76,8 +83,11 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
     """
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
-        return next(name for name in order if _probe(name)[0] is not None
+        name = next(name for name in order if _probe(name)[0] is not None
                     and (op is None or hasattr(_probe(name)[0], op)))
+        if device.type == "cuda" and name != "cuda":
+            _warn_cuda_fallback(name)
+        return name
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
     if backend == "cuda" and device.type != "cuda":
@@ -90,6 +100,15 @@ def resolve_backend(backend: str, device: torch.device, op: str | None = None) -
     if op is not None and not hasattr(mod, op):
         raise RuntimeError(f"backend {backend!r} does not implement {op} yet")
     return backend
+
+
+@functools.cache
+def _warn_cuda_fallback(chosen: str) -> None:
+    """Once per process: "auto" passed over a built haltkit._C that cannot run on this GPU."""
+    why = _probe("cuda")[1]
+    if why.startswith("the CUDA extension haltkit._C is not built"):
+        return  # nothing to warn about: a build without nvcc uses Triton by design
+    warnings.warn(f"haltkit: backend 'auto' uses {chosen!r} instead of 'cuda': {why}", RuntimeWarning, stacklevel=3)
 
 
 def backend_module(name: str) -> ModuleType:

@@ -9,7 +9,6 @@ Inputs are assumed validated by :mod:`haltkit.ops`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from types import ModuleType
 from typing import Callable
@@ -51,8 +50,9 @@ class NativeBackend:
     Args:
         name: "cpu" or "cuda".
         module: the extension module (``haltkit._cpu`` or ``haltkit._C``).
-        last_arg: returns the launcher's last argument for a device: the thread count on the
-            CPU, the current stream's handle on a GPU.
+        last_args: returns the launcher's last arguments for a device: (thread count,) on the
+            CPU; (device index, current stream's handle) on a GPU, whose launchers make that
+            device current for the launch.
         sm_count: the SMs of a device, for the cuda backend's row split (default: torch's
             device properties; the emulated device reports its own).
     """
@@ -61,11 +61,11 @@ class NativeBackend:
     #: (see :meth:`_parts`); an int forces it (tests use it to run the split path on any batch).
     split_rows: int | None = None
 
-    def __init__(self, name: str, module: ModuleType, last_arg: Callable[[torch.device], int],
+    def __init__(self, name: str, module: ModuleType, last_args: Callable[[torch.device], tuple[int, ...]],
                  sm_count: Callable[[torch.device], int] | None = None) -> None:
         self.name = name
         self.module = module
-        self._last_arg = last_arg
+        self._last_args = last_args
         self._sm_count = sm_count
 
     def _parts(self, B: int, V: int, dev: torch.device) -> int:
@@ -245,9 +245,8 @@ class NativeBackend:
         args = [logits, hidden, w, (*_ptrs(req), requests.eos_ids.shape[1], requests.exit_tokens.shape[1]), _ptrs(st)]
         if drafts is not None:
             args.append(drafts)
-        # A stream belongs to a device: launch with the logits' device current.
-        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            getattr(self.module, op)(*args, outputs, *(() if extra is None else (extra,)), self._last_arg(dev))
+        # The cuda launchers make the tensors' device current themselves (a stream belongs to it).
+        getattr(self.module, op)(*args, outputs, *(() if extra is None else (extra,)), *self._last_args(dev))
         for mine, theirs in zip(st, st_in):
             if mine.data_ptr() != theirs.data_ptr():
                 theirs.copy_(mine)
@@ -260,7 +259,7 @@ def _sm_count(device: torch.device) -> int:
 
 def cpu_backend(module: ModuleType) -> NativeBackend:
     """The "cpu" backend over ``haltkit._cpu``: rows spread over ``torch.get_num_threads()`` threads."""
-    return NativeBackend("cpu", module, lambda device: torch.get_num_threads())
+    return NativeBackend("cpu", module, lambda device: (torch.get_num_threads(),))
 
 
 def cuda_backend(module: ModuleType) -> NativeBackend:
@@ -271,7 +270,8 @@ def cuda_backend(module: ModuleType) -> NativeBackend:
     """
     if not torch.cuda.is_available():
         raise RuntimeError("the cuda backend needs a visible CUDA device; none is available here")
-    return NativeBackend("cuda", module, lambda device: torch.cuda.current_stream(device).cuda_stream)
+    return NativeBackend("cuda", module,
+                         lambda device: (device.index, torch.cuda.current_stream(device).cuda_stream))
 
 
 def emulated_cuda_backend(module: ModuleType) -> NativeBackend:
@@ -283,4 +283,4 @@ def emulated_cuda_backend(module: ModuleType) -> NativeBackend:
         >>> import haltkit._cuda_emu as emu
         >>> out = emulated_cuda_backend(emu).decode_step(logits, None, requests, state, None)
     """
-    return NativeBackend("cuda", module, lambda device: 0, lambda device: module.multiprocessor_count())
+    return NativeBackend("cuda", module, lambda device: (0, 0), lambda device: module.multiprocessor_count())

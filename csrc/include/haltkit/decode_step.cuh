@@ -138,7 +138,12 @@ HK_HD float head_bias(const DecodeStepArgs& a) {
 // arguments the Python layer should have rejected.
 void decode_step_cpu(const DecodeStepArgs& args, int num_threads);
 
-// CUDA launcher on `stream` (a cudaStream_t). Throws std::runtime_error when no device is usable.
-void decode_step_cuda(const DecodeStepArgs& args, void* stream);
+// CUDA launcher on `stream` (a cudaStream_t of `device`, the tensors' device, made current for
+// the launch). Throws std::runtime_error when no device is usable.
+void decode_step_cuda(const DecodeStepArgs& args, int device, void* stream);
+
+// Throws std::runtime_error saying why the CUDA kernels cannot run on `device` (no device, a
+// driver older than the build's CUDA, no code for the GPU's arch); returns when they can.
+void probe_cuda(int device);
 
 }  // namespace hk

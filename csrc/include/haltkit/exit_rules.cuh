@@ -46,7 +46,7 @@ HK_HD int64_t forced_by(const ExitRulesArgs& x, int64_t b, const StepPlan& p) {
 // Host launcher: rows spread over `num_threads` threads.
 void exit_rules_cpu(const ExitRulesArgs& args, int num_threads);
 
-// CUDA launcher on `stream` (a cudaStream_t). Throws std::runtime_error when no device is usable.
-void exit_rules_cuda(const ExitRulesArgs& args, void* stream);
+// CUDA launcher on `stream` of `device` (see decode_step_cuda).
+void exit_rules_cuda(const ExitRulesArgs& args, int device, void* stream);
 
 }  // namespace hk

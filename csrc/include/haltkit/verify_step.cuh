@@ -52,6 +52,6 @@ HK_HD bool malformed_draft(const VerifyStepArgs& v, int64_t b, const RowRequest&
 
 // Host launcher (rows over `num_threads` threads) and CUDA launcher (on `stream`), as decode_step's.
 void verify_step_cpu(const VerifyStepArgs& args, int num_threads);
-void verify_step_cuda(const VerifyStepArgs& args, void* stream);
+void verify_step_cuda(const VerifyStepArgs& args, int device, void* stream);
 
 }  // namespace hk
