@@ -10,6 +10,8 @@ bucket's buffers. ``clear()`` drops everything (models, buffers and compiled cod
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import weakref
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from .runner import ModelRunner, RaggedKVCache
 
-__all__ = ["CompiledRunner", "compiled_runner", "move_to_bucket", "clear", "new_call", "compile_seconds_since"]
+__all__ = ["CompiledRunner", "compiled_runner", "move_to_bucket", "clear", "new_call", "compile_seconds_since",
+           "exclusive"]
 
 # model -> {(batch, capacity): runner}. The runner holds the model, so entries live until
 # clear(): a compiled step is only worth its compile time if it is kept.
@@ -29,6 +32,42 @@ _RECOMPILE_LIMIT = 64
 _COMPILE_SECONDS = [0.0]
 #: Which generate call is running (a step's first run in each call checks every guard).
 _CALL = [0]
+
+
+#: The compiled generate call in flight: (thread name, model description), or None.
+_RUNNING: list = [None]
+_RUNNING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(model: nn.Module):
+    """Hold the process's one slot for a compiled ``generate`` call; raise if it is taken.
+
+    Compiled calls share state that a second call in another thread would overwrite: the pooled
+    runners' KV caches (one per model, batch bucket and capacity, draft models included), and
+    torch.compile's process-wide guard stance (``skip_guard_eval_unsafe``), under which another
+    call's first step could run a graph compiled for other inputs. So a second one is refused,
+    never silently wrong.
+
+    Raises:
+        RuntimeError: a compiled call is already running, naming its thread and model.
+    """
+    me = (threading.current_thread().name, f"{type(model).__name__} at {id(model):#x}")
+    with _RUNNING_LOCK:
+        if _RUNNING[0] is not None:
+            thread, what = _RUNNING[0]
+            raise RuntimeError(
+                f"haltkit.generate(compile=True) on {me[1]} (thread {me[0]!r}): another compiled call is running "
+                f"on {what} (thread {thread!r}). Compiled calls share pooled KV caches and torch.compile's guard "
+                "stance, so they run one at a time per process: wait for it, or pass compile=False (eager calls "
+                "may run concurrently)"
+            )
+        _RUNNING[0] = me
+    try:
+        yield
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING[0] = None
 
 
 def new_call() -> float:

@@ -22,7 +22,9 @@ The interface (what :func:`haltkit.generate` calls):
 * ``check(model, vocab_size)``: raise before any work when the source cannot serve ``model``;
 * ``start(target, batch, capacity, compile)``: per-call set-up;
 * ``propose(ctx, k) -> (tokens [P, k] int64, lens [P] int32, probs [P, k, V] | [P, k] | None)``;
-* ``select_rows(idx)``: follow the engine's compaction.
+* ``select_rows(idx)``: follow the engine's compaction;
+* ``for_call()`` (optional): a copy that holds one call's state, so that concurrent calls sharing
+  one source object never share a cache.
 """
 
 from __future__ import annotations
@@ -233,6 +235,11 @@ class _ModelDrafter:
     #: Forward passes of the draft (model or early layers) since ``start``.
     forwards = 0
 
+    def for_call(self) -> "_ModelDrafter":
+        """A copy to hold one ``generate`` call's state (runner, cache, counters): the engine
+        drafts with it, so one source object serves concurrent calls (the weights are shared)."""
+        return copy.copy(self)
+
     def _draft_requests(self, requests: RequestBatch) -> RequestBatch:
         # The draft has no value head: value exits are off, everything else is the request's.
         return replace(requests, cost_of_time=torch.full_like(requests.cost_of_time, -math.inf))
@@ -328,7 +335,11 @@ class DraftModel(_ModelDrafter):
         self.D: torch.Tensor | None = None
 
     def check(self, model: nn.Module, vocab_size: int) -> None:
-        """Raise ValueError when the draft's vocabulary is not the target's."""
+        """Raise ValueError when the draft's vocabulary is not the target's, TypeError when haltkit
+        cannot run the draft's family (:func:`haltkit.runner.check_family`)."""
+        from .runner import check_family
+
+        check_family(self.model)
         v, _, _ = model_dims(self.model)
         if v != vocab_size:
             raise ValueError(

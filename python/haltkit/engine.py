@@ -15,6 +15,7 @@ rolled back simply by not advancing over them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from .drafts import DraftContext, as_draft_source
 from .ops import decode_step
 from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from .result import GenerateResult
-from .runner import ModelRunner, bucket_size, model_dims
+from .runner import ModelRunner, bucket_size, check_family, model_dims
 from .speculative import VerifyOutput, verify_step
 from .state import DecodeState, Reason, StepOutput
 from .value_head import MarginalValueHead
@@ -240,7 +241,9 @@ def generate(
         max_cache_len: positions a sequence may use; default the model's max positions.
         compile: run the model's decode forwards under ``torch.compile(dynamic=False)``, one
             compiled step per batch-size bucket (powers of two), cached across calls (CUDA
-            graphs on a GPU); the first call per bucket pays the compile time.
+            graphs on a GPU); the first call per bucket pays the compile time. One compiled
+            call runs at a time per process (they share pooled KV caches): a concurrent one
+            raises RuntimeError. Eager calls may run concurrently, one draft object included.
         backend: the epilogue's backend ("auto", "torch", "triton", "cuda", "cpu").
         progress: show a tqdm progress bar.
 
@@ -282,7 +285,9 @@ def generate(
     # Inference mode, not just no_grad: tensors made here carry no autograd or view-tracking
     # dispatch keys, so the compiled step's call of the haltkit op skips two Python dispatch
     # layers (~0.4 ms a step, 1.7x -> 2.7x HF generate at batch 1 on the toy model).
-    with torch.inference_mode():
+    if compile:
+        from .compiled import exclusive
+    with (exclusive(model) if compile else contextlib.nullcontext()), torch.inference_mode():
         res = _decode(model, lists, requests, value_head, source, method, capacity, max(max_new),
                       compile, backend, progress)
     res.timings["total"] = time.perf_counter() - t_start
@@ -313,6 +318,7 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     # Prefill (always eager): one forward over the right-padded prompts, then the first token.
     t0 = time.perf_counter()
     target = ModelRunner(model, B, capacity)
+    check_family(model)
     logits, hidden = target.prefill(prompt, lens)
     state = DecodeState.new(B, dev)
     seq = torch.zeros(B, capacity + 1, dtype=torch.int64, device=dev)
@@ -337,6 +343,9 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     if progress:
         from tqdm.auto import tqdm
 
+    # The source's per-call state (its runner and cache) lives in a copy, so one draft object
+    # serves concurrent calls.
+    source = source.for_call() if hasattr(source, "for_call") else source
         bar = tqdm(total=max_new, desc="haltkit.generate", unit="step")
     t0 = time.perf_counter()
     num_active = out.num_active

@@ -19,6 +19,8 @@ and returns ``logits`` and ``hidden_states`` whose last entry is the LM head's i
 from __future__ import annotations
 
 import copy
+import inspect
+import threading
 
 import torch
 from torch import nn
@@ -142,7 +144,13 @@ def _layer_list(body: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
     for name, child in body.named_children():
         if isinstance(child, nn.ModuleList) and len(child) == num_layers:
             return name, child
-    raise TypeError(f"{type(body).__name__} has no ModuleList of {num_layers} decoder layers to truncate")
+    nested = [n for n, m in body.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    where = f" (they are nested, at {nested[0]!r}, as in OPT)" if nested else ""
+    raise TypeError(
+        f"early-layer draft: {type(body).__name__} does not hold its {num_layers} decoder layers as a direct "
+        f"ModuleList child{where}; early-layer drafts support bodies like Llama's (model.layers) or GPT-2's "
+        "(transformer.h). Use a DraftModel or 'ngram' instead"
+    )
 
 
 def truncated_body(model: nn.Module, layers: int) -> nn.Module:
@@ -173,21 +181,131 @@ def truncated_body(model: nn.Module, layers: int) -> nn.Module:
     return short
 
 
-def _mask_kinds(config) -> dict[str, int | None]:
-    """Attention-mask kind -> sliding window (None = full), per the model family's config.
+#: Model type -> what it does differently from a Llama-style decoder, as haltkit runs it (read off
+#: transformers' modeling code; sliding windows and non-attention layers are read from the config,
+#: see :func:`_mask_kinds`). Keys: ``mul`` / ``div`` / ``softcap`` name the config attribute the LM
+#: head's logits are multiplied by, divided by, or soft-capped with (``c * tanh(logits / c)``), in
+#: that order; ``refuse`` says why haltkit cannot run the family (with ``when``, a config attribute
+#: that must be true for the refusal to apply).
+FAMILIES: dict[str, dict[str, str]] = {
+    **{t: {"mul": "logit_scale"} for t in ("cohere", "cohere2", "cohere2_moe", "cohere_compass_text")},
+    **{t: {"div": "logits_scaling"}
+       for t in ("granite", "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa")},
+    "hyperclovax": {"mul": "logits_scaling"},  # MuP: multiplies where Granite divides
+    **{t: {"softcap": "final_logit_softcapping"}
+       for t in ("gemma2", "gemma3", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma", "nanochat",
+                 "mistral_large4_text", "beam")},
+    "bloom": {"refuse": "ALiBi position biases (built from a 2-D padding mask) are not supported"},
+    "mpt": {"refuse": "ALiBi position biases are not supported"},
+    "falcon": {"refuse": "ALiBi position biases (config.alibi=True) are not supported", "when": "alibi"},
+}
+#: Config attributes that transform the LM head's logits in some family: a model of a type not in
+#: FAMILIES that sets one is refused rather than sampled from the wrong distribution.
+_LOGIT_ATTRS = ("logit_scale", "logits_scaling", "final_logit_softcapping", "output_multiplier",
+                "lm_head_multiplier")
+#: The attention kinds the ragged cache and its masks implement.
+_KINDS = ("full_attention", "sliding_attention")
 
-    Families differ only here: Mistral slides every layer over ``sliding_window``; Qwen2/Qwen3
-    name each layer's kind in ``layer_types`` and take one mask per kind; the others are full.
+
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def check_family(model: nn.Module) -> None:
+    """Raise before any forward when haltkit cannot decode ``model`` exactly as Hugging Face does.
+
+    Refused: families in :data:`FAMILIES` with a ``refuse`` entry (ALiBi: bloom, mpt, falcon with
+    ``alibi=True``), encoder-decoders, models without attention heads (Mamba, RWKV, xLSTM) or with
+    layers of another kind than full or sliding attention (``layer_types``: linear attention,
+    convolutions, chunked attention), and unknown families whose config names a logit transform.
+
+    Raises:
+        TypeError: naming the model type and what is not supported.
+    """
+    cfg = _text_config(model)
+    if cfg is None:
+        return  # a plain module: its forward returns the logits itself
+    kind = getattr(cfg, "model_type", "") or type(model).__name__
+    fam = FAMILIES.get(kind, {})
+    if "refuse" in fam and (("when" not in fam) or getattr(cfg, fam["when"], False)):
+        raise TypeError(f"model type {kind!r}: {fam['refuse']} by haltkit.generate")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise TypeError(f"model type {kind!r} is an encoder-decoder; haltkit.generate runs decoder-only causal LMs")
+    if not any(isinstance(getattr(cfg, a, None), int) for a in ("num_attention_heads", "n_head", "num_heads")):
+        raise TypeError(
+            f"model type {kind!r} has no attention heads (a recurrent / state-space model such as Mamba or "
+            "RWKV?): haltkit.generate needs a KV-cache attention model"
+        )
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    other = sorted(set(layer_types) - set(_KINDS))
+    if other:
+        raise TypeError(
+            f"model type {kind!r} has layers of kind {other} (config.layer_types); haltkit.generate supports "
+            f"only {list(_KINDS)} (a KV cache per layer)"
+        )
+    if not fam:
+        named = [a for a in _LOGIT_ATTRS if getattr(cfg, a, None) not in (None, 1, 1.0)]
+        if named:
+            raise TypeError(
+                f"model type {kind!r} sets config.{named[0]}={getattr(cfg, named[0])!r}, a transform of the LM "
+                "head's logits that haltkit does not know for this family (haltkit.runner.FAMILIES)"
+            )
+
+
+def logit_transform(model: nn.Module):
+    """The family's transform of the LM head's logits (:data:`FAMILIES`), or None.
+
+    Returns a function ``[..., V] -> [..., V]`` (same dtype), applied exactly as the family's
+    ``ForCausalLM.forward`` applies it.
+    """
+    cfg = _text_config(model)
+    fam = FAMILIES.get(getattr(cfg, "model_type", None), {}) if cfg is not None else {}
+    mul, div, cap = (getattr(cfg, fam[k], None) if k in fam else None for k in ("mul", "div", "softcap"))
+    if mul is None and div is None and cap is None:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if mul is not None:
+            logits = logits * mul
+        if div is not None:
+            logits = logits / div
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def _mask_kinds(config) -> dict[str, int | None]:
+    """Attention-mask kind -> sliding window (None = full), per the model's config.
+
+    Families differ only here, all read from the config as their modeling code reads it: a config
+    with ``layer_types`` (Qwen2/Qwen3, Gemma 2/3, Cohere 2, ...) takes one mask per layer kind, the
+    sliding ones over ``sliding_window``; one without it slides every layer when ``sliding_window``
+    is set (Mistral, Mixtral, Phi-3, Starcoder2, Qwen3-MoE), unless ``use_sliding_window`` is false
+    (Qwen2-style flags in older configs that keep the window's value).
     """
     if config is None:
         return {"full_attention": None}
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None) or None
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
     kinds = getattr(config, "layer_types", None)
     if kinds:
         return {k: (window if k == "sliding_attention" else None) for k in set(kinds)}
-    if getattr(config, "model_type", "") == "mistral" and window:
-        return {"full_attention": window}
-    return {"full_attention": None}
+    return {"full_attention": window}
+
+
+def _cache_kwarg(fn) -> str:
+    """The name under which ``fn`` takes the cache: ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is deprecated), else ``past_key_values``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class ModelRunner:
@@ -219,7 +337,9 @@ class ModelRunner:
         self.num_layers = layers if layers is not None else _num_layers(model)
         self.cache = cache if cache is not None else RaggedKVCache(self.num_layers, batch, capacity)
         self.batch, self.capacity = batch, capacity
-        self.kinds = _mask_kinds(getattr(model, "config", None))
+        self.kinds = _mask_kinds(_text_config(model))
+        self.transform = logit_transform(model) if self.head is not None else None
+        self.cache_kw = _cache_kwarg(self.body.forward if self.body is not None else model.forward)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.flash = self.device.type == "cuda" and self.body is not None and _flash_available()
@@ -246,28 +366,28 @@ class ModelRunner:
         """
         self.cache.write_pos = positions.clamp(max=self.capacity)
         positions = positions.clamp(max=self.capacity - 1)
-        kwargs = dict(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        kwargs = {"input_ids": input_ids, "position_ids": positions, self.cache_kw: self.cache, "use_cache": True}
         if self.flash:
             hidden = self._flash_body(kwargs, (self.cache.write_pos[:, -1] + 1).to(torch.int32))
-            return self.head(hidden), hidden
+            return self.logits(hidden), hidden
         kwargs["attention_mask"] = self._mask(positions, self.cache.view_len)
         if self.body is not None:
             hidden = self.body(**kwargs).last_hidden_state
-            return self.head(hidden), hidden
+            return self.logits(hidden), hidden
         out = self.model(output_hidden_states=True, **kwargs)
         return out.logits, out.hidden_states[-1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states [..., d], then the family's logit transform: [..., V]."""
+        logits = self.head(hidden)
+        return logits if self.transform is None else self.transform(logits)
 
     def _flash_body(self, kwargs: dict, seqlens: torch.Tensor) -> torch.Tensor:
         """The body with FlashAttention over the cache (``haltkit.flash``), no mask tensor."""
         from .flash import NAME
 
-        cfg = self.body.config
-        before = cfg._attn_implementation
-        cfg._attn_implementation = NAME
-        try:
+        with _attn_implementation(self.body.config, NAME):
             return self.body(attention_mask=None, haltkit_seqlens=seqlens, **kwargs).last_hidden_state
-        finally:
-            cfg._attn_implementation = before
 
     def forward(
         self, input_ids: torch.Tensor, start: torch.Tensor, view: int
@@ -308,19 +428,54 @@ class ModelRunner:
             return (logits.gather(1, last.expand(P, 1, logits.shape[-1]))[:, 0],
                     hidden.gather(1, last.expand(P, 1, hidden.shape[-1]))[:, 0])
         self.cache.write_pos = positions
-        kwargs = dict(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        kwargs = {"input_ids": input_ids, "position_ids": positions, self.cache_kw: self.cache, "use_cache": True}
         if self.flash:
             hidden = self._flash_body(kwargs, torch.full((P,), T, dtype=torch.int32, device=input_ids.device))
         else:
             hidden = self.body(attention_mask=self._mask(positions, T), **kwargs).last_hidden_state
         h_last = hidden.gather(1, last.expand(P, 1, hidden.shape[-1]))[:, 0]
-        return self.head(h_last), h_last
+        return self.logits(h_last), h_last
 
     def compact(self, idx: torch.Tensor) -> "ModelRunner":
         """Keep rows ``idx`` ([n] int64), in that order; returns the runner to use from now on."""
         self.cache.select_rows(idx)
         self.batch = idx.shape[0]
         return self
+
+
+#: config id -> [implementation to restore, runners inside]: concurrent FlashAttention forwards of
+#: one model (two threads) share the switch, and the last one out restores the user's setting.
+_ATTN_SWITCH: dict[int, list] = {}
+_ATTN_LOCK = threading.Lock()
+
+
+class _attn_implementation:
+    """Context manager: ``config._attn_implementation = name`` while any runner of it is inside."""
+
+    def __init__(self, config, name: str) -> None:
+        self.config, self.name = config, name
+        self.before = None
+
+    def __enter__(self) -> None:
+        if torch.compiler.is_compiling():  # a traced step (one compiled generate at a time): a plain swap
+            self.before = self.config._attn_implementation
+            self.config._attn_implementation = self.name
+            return
+        with _ATTN_LOCK:
+            entry = _ATTN_SWITCH.setdefault(id(self.config), [self.config._attn_implementation, 0])
+            entry[1] += 1
+            self.config._attn_implementation = self.name
+
+    def __exit__(self, *exc) -> None:
+        if torch.compiler.is_compiling():
+            self.config._attn_implementation = self.before
+            return
+        with _ATTN_LOCK:
+            entry = _ATTN_SWITCH[id(self.config)]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.config._attn_implementation = entry[0]
+                del _ATTN_SWITCH[id(self.config)]
 
 
 def logits_and_hidden(runner: ModelRunner, input_ids: torch.Tensor, positions: torch.Tensor):
