@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -122,18 +123,23 @@ def _prompt_lists(input_ids, attention_mask, prompts, tokenizer, vocab: int) -> 
     elif isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+            raise TypeError(f"input_ids must be an integer tensor (token ids), got dtype {input_ids.dtype}")
         ids = input_ids.tolist()
         if attention_mask is None:
             lists = ids
         else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
-            keep = attention_mask.bool().tolist()
-            lists = [[t for t, k in zip(r, m) if k] for r, m in zip(ids, keep)]
+            lists = [[t for t, k in zip(r, m) if k] for r, m in zip(ids, _mask_rows(attention_mask, input_ids))]
     else:
         if attention_mask is not None:
             raise ValueError("attention_mask is only read with an input_ids tensor")
-        lists = [list(map(int, p)) for p in input_ids]
+        lists = [list(p) for p in input_ids]
+        for b, p in enumerate(lists):
+            for j, t in enumerate(p):
+                # Floats would be silently truncated and bools read as 0/1: refuse both.
+                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                    raise TypeError(f"prompt {b}, position {j}: token id {t!r} is a {type(t).__name__}, not an int")
+        lists = [[int(t) for t in p] for p in lists]
     if not lists:
         raise ValueError("no prompts: the batch is empty")
     for b, p in enumerate(lists):
@@ -143,6 +149,30 @@ def _prompt_lists(input_ids, attention_mask, prompts, tokenizer, vocab: int) -> 
         if bad:
             raise ValueError(f"prompt {b} has token id {bad[0]} outside the model's vocabulary [0, {vocab})")
     return lists
+
+
+def _mask_rows(mask: torch.Tensor, input_ids: torch.Tensor) -> list[list[bool]]:
+    """The attention mask as B lists of bools, checked: 0/1 values, one run of ones per row
+    (left or right padding; a hole would be silently compressed out of the prompt)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a [B, T] tensor, got {type(mask).__name__}")
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(mask.shape)} must match input_ids {list(input_ids.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must hold 0/1 as an integer or bool tensor, got dtype {mask.dtype}")
+    rows = mask.tolist()
+    for b, row in enumerate(rows):
+        bad = [v for v in row if v not in (0, 1)]
+        if bad:
+            raise ValueError(f"attention_mask row {b} holds {bad[0]!r}: only 0 (padding) and 1 (token) are allowed")
+        ones = [j for j, v in enumerate(row) if v]
+        if ones and len(ones) != ones[-1] - ones[0] + 1:
+            hole = next(j for j in range(ones[0], ones[-1]) if not row[j])
+            raise ValueError(
+                f"attention_mask row {b} has a hole: 0 at position {hole} between real tokens at {ones[0]} and "
+                f"{ones[-1]}; only left or right padding is supported"
+            )
+    return [[bool(v) for v in row] for row in rows]
 
 
 def _tokenizer_size(tokenizer) -> int | None:
@@ -185,7 +215,21 @@ def _check_setup(model, tokenizer, value_head, vocab, hidden, source) -> None:
         source.check(model, vocab)
 
 
-def _capacity(lens: list[int], max_new: list[int], limit: int | None, compile: bool) -> int:
+def _position_limit(max_cache_len, max_pos: int | None, source) -> tuple[int | None, str]:
+    """The most positions a row may use, and what sets it: ``max_cache_len``, the model's
+    position table, or a draft model's (whichever is smallest)."""
+    if max_cache_len is not None and (not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool)
+                                      or max_cache_len < 1):
+        raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+    limits = [(max_cache_len, "max_cache_len"), (max_pos, "the model's max_position_embeddings / n_positions")]
+    draft_model = getattr(source, "model", None)
+    if isinstance(draft_model, nn.Module):
+        limits.append((model_dims(draft_model)[2], "the draft model's max_position_embeddings / n_positions"))
+    limits = [(n, why) for n, why in limits if n is not None]
+    return min(limits, key=lambda x: x[0]) if limits else (None, "")
+
+
+def _capacity(lens: list[int], max_new: list[int], limit: int | None, compile: bool, why: str = "") -> int:
     """Positions per row: every prompt plus its max_new_tokens; errors name the sequence."""
     need = [n + m for n, m in zip(lens, max_new)]
     if limit is not None:
@@ -193,7 +237,7 @@ def _capacity(lens: list[int], max_new: list[int], limit: int | None, compile: b
             if n + m > limit:
                 raise ValueError(
                     f"sequence {b}: a prompt of {n} tokens plus max_new_tokens={m} needs {n + m} positions, "
-                    f"but the cache holds {limit} (max_cache_len, or the model's max_position_embeddings)"
+                    f"but the cache holds {limit} ({why or 'max_cache_len, or the model max_position_embeddings'})"
                 )
     cap = max(need)
     if compile:  # a few widths, so that compiled steps are reused across calls
@@ -234,6 +278,8 @@ def generate(
             own (``value_head.exit_policy()``) when it carries train-head metadata; else no value
             exits, EOS from the tokenizer (else the model's generation config), max_new_tokens 256.
         sampling: one :class:`SamplingParams` for all, or one per sequence. Default greedy.
+            An unseeded one (``seed=None``) gives each row a fresh seed on every call, as vLLM
+            does; a seeded one is reproducible.
         draft: None, a draft model (``nn.Module``), ``"ngram"``, ``"layer:L"``, or a source from
             :mod:`haltkit.drafts` (``DraftModel``, ``PromptLookup``, ``EarlyLayerDraft``).
         method: verification rule, "exact" (the output is token for token that of decoding
@@ -252,9 +298,13 @@ def generate(
 
     Raises:
         ValueError / TypeError, before any model work: empty prompts, token ids outside the
-        vocabulary, a tokenizer larger than the model's vocabulary, a value head of the wrong
-        hidden size, a prompt plus max_new_tokens longer than the cache, a draft with another
-        vocabulary, a bad argument.
+        vocabulary or not ints (floats, bools), an attention mask with a hole, a tokenizer larger
+        than the model's vocabulary, a value head of the wrong hidden size, a ``cost_of_time``
+        without a value head, a prompt plus max_new_tokens longer than the cache, the model's or
+        the draft's position table, a draft with another vocabulary, a model family haltkit
+        cannot run exactly (ALiBi, recurrent or non-attention layers; see
+        :func:`haltkit.runner.check_family`), a bad argument.
+        RuntimeError: ``compile=True`` while another compiled call runs.
 
     Example:
         >>> res = haltkit.generate(model, prompts=["Q:1+2<think>"], tokenizer=tok, value_head=head,
@@ -266,8 +316,10 @@ def generate(
     vocab, hidden_size, max_pos = model_dims(model)
     if vocab is None:
         raise TypeError("cannot tell the model's vocabulary size: give it a config.vocab_size or output embeddings")
+    check_family(model)
     source = as_draft_source(draft)
     _check_setup(model, tokenizer, value_head, vocab, hidden_size, source)
+    limit, limit_why = _position_limit(max_cache_len, max_pos, source)
     lists = _prompt_lists(input_ids, attention_mask, prompts, tokenizer, vocab)
     B = len(lists)
     device = next(model.parameters()).device
@@ -276,12 +328,22 @@ def generate(
         exit = value_head.exit_policy()  # a trained head's exit tokens, EOS, budget, lambda and patience
     requests = pack_requests(sampling, _default_exit(tokenizer, model) if exit is None else exit,
                              vocab, B, device)
-    max_new = requests.max_new_tokens.tolist()
+    max_new, lams = requests.max_new_tokens.tolist(), requests.cost_of_time.tolist()
+    if value_head is None:
+        priced = [b for b, lam in enumerate(lams) if lam != -math.inf]
+        if priced:
+            raise ValueError(
+                f"sequence {priced[0]}: ExitPolicy(cost_of_time={lams[priced[0]]:g}) prices time against the value "
+                "head's predictions, but value_head is None: pass value_head=..., or cost_of_time=None"
+            )
     lens = [len(p) for p in lists]
-    capacity = _capacity(lens, max_new, max_cache_len if max_cache_len is not None else max_pos, compile)
+    capacity = _capacity(lens, max_new, limit, compile, limit_why)
     if method not in ("exact", "rejection"):
         raise ValueError(f"method must be 'exact' or 'rejection', got {method!r}")
     resolve_backend(backend, device, op="decode_step" if source is None else "verify_step")
+    # The source's per-call state (its runner and cache) lives in a copy, so one draft object
+    # serves concurrent calls.
+    source = source.for_call() if hasattr(source, "for_call") else source
     # Inference mode, not just no_grad: tensors made here carry no autograd or view-tracking
     # dispatch keys, so the compiled step's call of the haltkit op skips two Python dispatch
     # layers (~0.4 ms a step, 1.7x -> 2.7x HF generate at batch 1 on the toy model).
@@ -318,7 +380,6 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     # Prefill (always eager): one forward over the right-padded prompts, then the first token.
     t0 = time.perf_counter()
     target = ModelRunner(model, B, capacity)
-    check_family(model)
     logits, hidden = target.prefill(prompt, lens)
     state = DecodeState.new(B, dev)
     seq = torch.zeros(B, capacity + 1, dtype=torch.int64, device=dev)
@@ -343,9 +404,6 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     if progress:
         from tqdm.auto import tqdm
 
-    # The source's per-call state (its runner and cache) lives in a copy, so one draft object
-    # serves concurrent calls.
-    source = source.for_call() if hasattr(source, "for_call") else source
         bar = tqdm(total=max_new, desc="haltkit.generate", unit="step")
     t0 = time.perf_counter()
     num_active = out.num_active
