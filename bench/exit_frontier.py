@@ -14,6 +14,10 @@ accepted when the last n agree; (e) the value head over a sweep of the price of 
 correct (0 tokens for a query the model gets wrong anyway). Probe tokens of (c) and (d) (the
 exit tokens and answers of rejected probes) are counted in their cost.
 
+Queries are distinct held-out questions (level 1 has only a few), split by a hash of the question
+into a validation half, on which the head's operating point (lambda, patience) is chosen, and a
+test half, which every reported figure comes from.
+
 Writes ``bench/results/exit_frontier.{json,md,png}``.
 """
 
@@ -32,9 +36,9 @@ import torch
 
 import haltkit
 from haltkit import DecodeState, Reason, SamplingParams, decode_step, pack_requests
-from haltkit.tasks import ChainSum, prompt_text
+from haltkit.tasks import DIFFICULTIES, ChainSum, prompt_text
 from haltkit.tokenizer import CharTokenizer
-from haltkit.train.head import sample_problems
+from haltkit.train.head import split_of
 from haltkit.train.rollouts import collect_rollouts, load_rollouts, think_greedy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,6 +48,23 @@ BUDGETS = [4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256]
 PROBE_EVERY = [4, 8, 16, 32]
 DEER_THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
 DYNASOR_REPEATS = [2, 3, 4]
+
+
+def distinct_held_out(task: ChainSum, per_level: int, seed: int) -> list:
+    """Up to ``per_level`` distinct held-out questions per level (level 1 has only a few)."""
+    import random
+
+    rng, seen, out = random.Random(seed), set(), []
+    for level in sorted(DIFFICULTIES):
+        n = tries = 0
+        while n < per_level and tries < 200 * per_level:
+            tries += 1
+            p = task.sample(rng, level, held_out=True)
+            if p.question not in seen:
+                seen.add(p.question)
+                out.append(p)
+                n += 1
+    return out
 
 
 def point(rs, think, probe, label: str, **params) -> dict:
@@ -217,14 +238,18 @@ def main(argv=None) -> int:
 
     target = LlamaForCausalLM.from_pretrained(Path(args.toy or haltkit.models.toy_dir()) / "target").eval()
     task = ChainSum()
-    problems = sample_problems(task, 5 * args.per_level, args.seed, held_out=True)
-    cache = os.path.join(args.cache, f"seed{args.seed}_n{len(problems)}_think{args.max_think}")
+    problems = distinct_held_out(task, args.per_level, args.seed)
+    cache = os.path.join(args.cache, f"distinct_seed{args.seed}_n{len(problems)}_think{args.max_think}")
     paths = collect_rollouts(target, CharTokenizer(), task, problems, cache, 1, args.max_think, shard_size=16,
                              worker=args.worker, workers=args.workers)
     t_roll = time.time() - t0
     if args.rollouts_only:
         return 0
-    rs = load_rollouts(paths)
+    everything = load_rollouts(paths)
+    # Operating points are chosen on a validation half of the questions; every reported figure
+    # comes from the other half (split by a hash of the question, so no question is in both).
+    val_rs = [r for r in everything if split_of(r.problem.question, 0.5, 0.0) == "val"]
+    rs = [r for r in everything if split_of(r.problem.question, 0.5, 0.0) != "val"]
     toy = haltkit.load_toy(path=args.toy)
 
     a, o = no_exit(rs), oracle(rs)
@@ -233,9 +258,14 @@ def main(argv=None) -> int:
     d = [dynasor(rs, k, n) for k in PROBE_EVERY for n in DYNASOR_REPEATS]
     e = value_sweep(rs, toy, args.max_think) + [dict(a, label="(e) value head", cost_of_time=None, patience=None)]
 
-    # The operating point: fewest tokens at (a)'s accuracy within one point.
-    ok = [p for p in e if p["accuracy"] >= a["accuracy"] - 0.01]
-    star = min(ok, key=lambda p: p["tokens"])
+    # The operating point: fewest tokens at (a)'s accuracy within one point, on the validation half;
+    # reported at the same (lambda, patience) on the test half.
+    a_val = no_exit(val_rs)
+    e_val = value_sweep(val_rs, toy, args.max_think)
+    ok = [p for p in e_val if p["accuracy"] >= a_val["accuracy"] - 0.01] or [a_val]
+    star_val = min(ok, key=lambda p: p["tokens"])
+    star = next((p for p in e if p.get("cost_of_time") == star_val.get("cost_of_time")
+                 and p.get("patience") == star_val.get("patience")), e[-1])
     best_e = max(e, key=lambda p: (p["accuracy"], -p["tokens"]))  # the head's most accurate setting
     save_e, save_o = a["think"] - star["think"], a["think"] - o["think"]
     dominated = {name: [frontier_cost(e, p["accuracy"]) <= p["tokens"] + 1e-9 for p in pts]
@@ -274,7 +304,9 @@ def main(argv=None) -> int:
                     "threads": torch.get_num_threads()},
         "model": {"target_params": sum(p.numel() for p in toy.target.parameters()),
                   "draft_params": sum(p.numel() for p in toy.draft.parameters()), "head": repr(toy.head)},
-        "queries": len(rs), "per_level": args.per_level, "seed": args.seed, "max_think": args.max_think,
+        "queries": len(rs), "distinct_questions": len({r.problem.question for r in rs}),
+        "validation_queries": len(val_rs), "operating_point_on_validation": strip(star_val) if "exits" in star_val
+        else star_val, "per_level": args.per_level, "seed": args.seed, "max_think": args.max_think,
         "rollout_seconds": t_roll, "natural_vs_forced_final_agree": sum(
             task.verify(r.problem, r.natural_answer) == float(r.reward[-1]) for r in rs) / len(rs),
         "a": strip(a), "o": strip(o), "b": [strip(p) for p in b], "c": [strip(p) for p in c],
@@ -308,7 +340,11 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     t = r["targets"]
     counts = ", ".join(f"{v['n']}" for v in r["per_difficulty"]["a"].values())
-    L = [f"# Exit frontier: shipped toy model, {r['queries']} held-out chain sums (per level: {counts})", "",
+    L = [f"# Exit frontier: shipped toy model, {r['queries']} held-out chain sums, {r['distinct_questions']} distinct "
+         f"(per level: {counts})", "",
+         f"The operating point (lambda, patience) was chosen on {r['validation_queries']} other distinct held-out "
+         "questions (a validation half, split by a hash of the question); every figure below is from the test half.",
+         "",
          f"Greedy; {r['model']['target_params']:,}-parameter target, head {r['model']['head']}; "
          f"torch {r['machine']['torch']}, {r['machine']['threads']} threads. Tokens are mean think tokens per "
          "query, plus rejected probes' tokens for (c) and (d).", "",

@@ -305,3 +305,29 @@ def test_all_wrong_rollouts_fail_the_quality_gate(tmp_path):
     with pytest.raises(ValueError, match="marked unfit by train-head's quality gate"):
         load_value_head(tmp_path / "out" / "head.unfit.safetensors")
     assert load_value_head(tmp_path / "out" / "head.unfit.safetensors", allow_unfit=True).meta["fit"]["ok"] is False
+
+
+def test_eval_exits_replay_equals_generate_and_writes_the_frontier(tmp_path):
+    from haltkit.train.evaluate import eval_exits
+
+    model, tok = tiny_llama(seed=8), char_fast(tmp_path)
+    conv = resolve_conventions(tok, model, exit_text="</think>A:")
+    head = head_with_meta(model, tok, conv, cost=0.0, patience=2, budget=16)
+    torch.manual_seed(0)
+    with torch.no_grad():  # values that vary along a think phase: some steps below the price, some not
+        head.w1.normal_(0, 2.0)
+    rng = random.Random(0)
+    problems = [ChainSum().sample(rng, 1 + i % 5) for i in range(10)]
+    ids = conv.render_all(tok, problems)
+    res = haltkit.generate(model, input_ids=ids, exit=head.exit_policy(cost_of_time=None), value_head=head)
+    values = torch.tensor([v for row in res.values for v in row if v == v])
+    head.meta["operating_points"]["within_1pt"]["cost_of_time"] = float(values.median())
+    head.save(tmp_path / "h.safetensors")
+    out = eval_exits(str(tmp_path), str(tmp_path / "h.safetensors"), ChainSum(), problems, str(tmp_path / "eval"),
+                     progress=False, model_and_tokenizer=(model, tok))
+    check = out["generate_check"]
+    assert check["same_think_length"] == 1.0 and check["generate"] == check["replay"], check
+    assert 0 < check["generate"]["think_tokens"] < out["rows"][0]["think_tokens"]  # some exits, not all at once
+    kinds = {r["kind"] for r in out["rows"]}
+    assert kinds == {"no_exit", "head", "budget", "oracle"} and "level 3" in out["per_level"]
+    assert (tmp_path / "eval" / "eval_exits.png").stat().st_size > 0
