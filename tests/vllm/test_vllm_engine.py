@@ -203,3 +203,35 @@ def test_a_request_naming_an_exit_token_outside_the_vocabulary_is_refused(step_l
         step_llm.generate(PROMPTS[:1], greedy(cost_of_time=-3.0, exit_tokens=[3, V + 5]), use_tqdm=False)
     got = run(step_llm, PROMPTS[:2], [greedy(cost_of_time=-3.0, exit_tokens=[V - 1]), greedy(cost_of_time=-3.0)])
     assert got[1] == cut(plain[PROMPTS[1]], 3, [EOS])
+
+
+def _metric(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_each_finished_request_reports_its_exits_in_kv_transfer_params_and_metrics(step_llm, plain):
+    # The report is read off haltkit's own state, so every figure follows from the step head:
+    # lambda = -k exits after k tokens (think_end "value"), a budget b ends thinking after b.
+    p = next(p for p in PROMPTS if not closes_first(plain[p], 12) and plain[p][2] not in plain[p][:2])
+    closing = plain[p][2]
+    params = [greedy(cost_of_time=-3.0), greedy(thinking_budget=5, exit_tokens=list(EXIT)), greedy(),
+              greedy(cost_of_time=-100.0), greedy(cost_of_time=-9.0, exit_tokens=[closing])]
+    before = {r: _metric("haltkit:think_exits_total", reason=r) for r in ("value", "budget", "model", "none")}
+    think_sum = _metric("haltkit:think_tokens_sum")
+    outs = step_llm.generate([p] * len(params), params, use_tqdm=False)
+    reports = [(o.kv_transfer_params or {}).get("haltkit") for o in outs]
+    n = [len(o.outputs[0].token_ids) for o in outs]
+    assert reports[0] == {"think_tokens": 3, "answer_tokens": 1, "think_end": "value", "finish": "value"}
+    assert reports[1]["think_tokens"] == 5 and reports[1]["think_end"] == "budget"
+    assert reports[1]["answer_tokens"] == n[1] - 5
+    assert reports[1]["finish"] == ("eos" if outs[1].outputs[0].token_ids[-1] == EOS else "length")
+    assert reports[2] is None  # no haltkit parameters: nothing added
+    assert reports[3] == {"think_tokens": BUDGET, "answer_tokens": 0, "think_end": None, "finish": "length"}
+    # The model draws the request's "</think>" itself at step 2.
+    assert reports[4] == {"think_tokens": 2, "answer_tokens": BUDGET - 2, "think_end": "model", "finish": "length"}
+    ends = [r["think_end"] or "none" for r in reports if r is not None]
+    for reason, was in before.items():
+        assert _metric("haltkit:think_exits_total", reason=reason) - was == ends.count(reason), reason
+    assert _metric("haltkit:think_tokens_sum") - think_sum == sum(r["think_tokens"] for r in reports if r)

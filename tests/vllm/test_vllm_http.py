@@ -128,9 +128,20 @@ def test_cost_of_time_over_http_sets_finish_reason_and_token_count(server, plain
         assert choice["finish_reason"] == "stop"
         assert body["usage"]["completion_tokens"] == n + 1  # the haltkit tokens, then the EOS
         assert choice["text"] == TOK.decode(plain_tokens[:n], skip_special=True)
+        # The exit is visible: haltkit's report rides in kv_transfer_params.
+        assert body["kv_transfer_params"]["haltkit"] == {"think_tokens": n, "answer_tokens": 1,
+                                                         "think_end": "value", "finish": "value"}
     status, body = complete(server)
     assert status == 200 and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == BUDGET
+    assert body.get("kv_transfer_params") is None  # no haltkit parameters, no report
+    # /metrics counts the two value exits (other tests of this module may add theirs first).
+    with urllib.request.urlopen(server[0] + "/metrics", timeout=REQUEST_TIMEOUT_S) as r:
+        metrics = r.read().decode()
+    value_exits = [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith('haltkit:think_exits_total{reason="value"}')]
+    assert value_exits and value_exits[0] >= 2, [m for m in metrics.splitlines() if m.startswith("haltkit")]
+    assert "haltkit:think_tokens_bucket" in metrics and "haltkit:answer_tokens_count" in metrics
 
 
 def test_malformed_parameter_gets_400_and_leaves_concurrent_requests_alone(server, plain_tokens):

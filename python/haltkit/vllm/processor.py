@@ -40,6 +40,7 @@ from ..reference.termination import PLAN_WORDS
 from ..state import DecodeState, Reason
 from ..value_head import MarginalValueHead
 from . import CONFIG_KEY, exit_policy_from_args
+from .report import install_report_hooks, register, report_of_row
 
 __all__ = ["ValueExitLogitsProcessor", "install_hidden_state_capture", "request_policy", "engine_settings", "admit"]
 
@@ -115,6 +116,7 @@ def install_vocabulary_check() -> None:
 
 
 install_vocabulary_check()  # this module is imported wherever vLLM loads the processor class
+install_report_hooks()
 
 
 def _stop_ids(params: VllmSamplingParams) -> tuple[int, ...]:
@@ -269,6 +271,18 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
         # call may share one params object, hence a list, told apart by their tokens).
         self.parked: dict[int, tuple[VllmSamplingParams, list[_Parked]]] = {}
         install_hidden_state_capture()
+        register(self)
+
+    def report(self, params: VllmSamplingParams, outputs) -> dict | None:
+        """The exit report of the request with these params, if this processor holds it
+        (see :mod:`haltkit.vllm.report`; reads its rows from the device: call at finish only)."""
+        i = next((j for j, p in enumerate(self.params) if p is params), None)
+        if i is None:
+            return None
+        idx = torch.tensor([i], device=self.device)
+        pending = len(outputs) > self.n_seen[i] and self.pending[i]
+        return report_of_row(self.req.index_select(idx), self.state.index_select(idx), self.plan[i:i + 1],
+                             int(outputs[-1]) if pending else -1, len(outputs))
 
     def is_argmax_invariant(self) -> bool:
         """Forced tokens change the argmax, so greedy requests must see this processor too."""

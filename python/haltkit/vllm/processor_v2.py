@@ -38,6 +38,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProc
 from ..params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from ..reference.termination import PLAN_WORDS
 from ..state import DecodeState
+from .report import register, report_of_row
 from .processor import _CAPTURE, admit, engine_settings, halt_token_of, install_hidden_state_capture, logger, \
     may_halt, request_policy
 
@@ -92,6 +93,19 @@ class ValueExitLogitsProcessorV2(LogitsProcessor):
         self.staged: dict[int, tuple] = {}
         self.parked: dict[int, tuple[VllmSamplingParams, list[_ParkedV2]]] = {}
         install_hidden_state_capture()
+        register(self)
+
+    def report(self, params: VllmSamplingParams, outputs) -> dict | None:
+        """The exit report of the request with these params, if this processor holds it
+        (see :mod:`haltkit.vllm.report`; reads its rows from the device: call at finish only)."""
+        i = self.slot_of.get(id(params))
+        if i is None or self.params[i] is not params or i in self.staged:
+            return None
+        g = len(outputs) - int(self.n_seen[i])
+        row = torch.tensor([i * self.depth + min(max(g - 1, 0), self.depth - 1)], device=self.device)
+        return report_of_row(self.req.index_select(torch.tensor([i], device=self.device)),
+                             self.chain.index_select(row), self.chain_plan[row],
+                             int(outputs[-1]) if g >= 1 else -1, len(outputs))
 
     # ---- requests entering the batch ---------------------------------------------------------
 
