@@ -566,3 +566,33 @@ def run_all(backend: str = "cpu", large: bool = True) -> int:
         run_bad_binding_calls(backend_module("cpu").module)
         run_exit_rules_bad_binding_calls(backend_module("cpu").module)
     return ties
+
+
+# --- two backends side by side (the real cuda backend against the emulated one) ----------------
+
+
+def compare_backends(case: Case, first, second, dev_first: str, dev_second: str) -> None:
+    """Runs ``case`` on two backends (names or backend objects) on the same inputs, step by step:
+    tokens, the full state and compaction equal exactly, log-probs and values within TOL. No float
+    tie is excused: the two run the same code (e.g. haltkit._C and haltkit._cuda_emu)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    head = make_head(case.head, case.d, case.head_dtype, gen)
+    requests = pack_requests(case.sampling, case.exits, case.V, case.B)
+    runs = [(first, dev_first, DecodeState.new(case.B, dev_first)), (second, dev_second, DecodeState.new(case.B, dev_second))]
+    for step in range(case.steps):
+        x = make_logits(case.kind, case.B, case.V, step, gen).to(case.logits_dtype)
+        h = None if head is None else torch.randn(case.B, case.d, generator=gen).to(case.head_dtype)
+        outs = []
+        for backend, dev, state in runs:
+            hw = None if head is None else HeadWeights(*(t.to(dev) for t in head))
+            out = _decode_step(backend, x.to(dev), None if h is None else h.to(dev), requests.to(dev), state, hw)
+            outs.append(StepOutput(*(t.cpu() for t in out)))
+        a, b = outs
+        where = f"{case} step {step}"
+        for name in ("tokens", "active_idx", "num_active"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), f"{where}: {name} {getattr(a, name).tolist()} vs {getattr(b, name).tolist()}"
+        for name in ("logprobs", "values"):
+            ok = _close(getattr(a, name), getattr(b, name), case.logits_dtype)
+            assert ok.all(), f"{where}: {name} {getattr(a, name)[~ok].tolist()} vs {getattr(b, name)[~ok].tolist()}"
+        for name, sa, sb in zip(STATE_FIELDS, runs[0][2].tensors(), runs[1][2].tensors()):
+            assert torch.equal(sa.cpu(), sb.cpu()), f"{where}: state.{name} {sa.tolist()} vs {sb.tolist()}"

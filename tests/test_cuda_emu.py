@@ -220,3 +220,25 @@ def test_the_probe_runs_and_passes_on_the_emulated_device(emu):
     # The same probe_cuda that haltkit.backends runs on a GPU before "auto" picks "cuda".
     assert emu.probe(0) == ""
     assert "invalid device ordinal" in emu.probe(3)
+
+
+# --- on a GPU: the real kernels against their emulation ------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, split", [(c, s) for c in nv.cases() for s in (None, 5)]
+                         + [(nv.persistent_grid_case(), None)], ids=str)
+def test_real_cuda_matches_the_emulated_kernels_bit_for_bit(emu, case, split):
+    # The same sources on both sides: tokens, state and compaction must be identical, with no
+    # float tie excused (scripts/gpu_check.sh runs this first on a new GPU machine).
+    from haltkit.backends import backend_module
+
+    real = backend_module("cuda")
+    emu.set_schedule("random", 5)
+    emulated = emulated_cuda_backend(emu)
+    real_split, real.split_rows = real.split_rows, split
+    emulated.split_rows = split
+    try:
+        nv.compare_backends(case, real, emulated, "cuda", "cpu")
+    finally:
+        real.split_rows = real_split
