@@ -302,3 +302,13 @@ def test_shipped_head_and_draft_fit_the_target(toy):
     assert list(toy.exit_tokens) == toy.tokenizer.encode("</think>A:")
     policy = toy.exit_policy(cost_of_time=0.01)
     assert policy.exit_tokens == toy.exit_tokens and policy.eos_token_ids == (toy.eos_token_id,)
+
+
+def test_shipped_head_carries_its_conventions_and_operating_point(toy):
+    meta = toy.head.meta
+    assert meta is not None and meta["fit"]["ok"]
+    assert tuple(meta["conventions"]["exit_ids"]) == toy.exit_tokens and meta["conventions"]["eos_ids"] == [1]
+    op = meta["operating_points"][meta["default_operating_point"]]
+    # Every entry point takes the patience from the head: toy.exit_policy too.
+    assert toy.exit_policy(cost_of_time=0.01).patience == op["patience"] == toy.head.exit_policy().patience
+    toy.head.check_compatible(toy.target, toy.tokenizer)  # the char tokenizer is the vocabulary it was made for
