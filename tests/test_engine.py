@@ -19,23 +19,9 @@ import haltkit
 from haltkit import DraftModel, EarlyLayerDraft, ExitPolicy, MarginalValueHead, PromptLookup
 
 pytest.importorskip("transformers")
-from engine_models import PAD, V, countdown_head, left_padded, ragged_prompts, sampled, tiny  # noqa: E402
+from engine_models import PAD, V, countdown_head, forward_calls, hf_generate, ragged_prompts, sampled, tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def hf_generate(model: nn.Module, prompts: list[list[int]], max_new: int, eos: int | None) -> list[list[int]]:
-    """Hugging Face greedy generate on left-padded prompts; each row cut after its EOS."""
-    ids, mask = left_padded(prompts)
-    T = ids.shape[1]
-    dev = next(model.parameters()).device
-    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new, min_new_tokens=0,
-                         do_sample=False, pad_token_id=PAD, eos_token_id=eos)
-    rows = []
-    for row in out[:, T:].tolist():
-        cut = row.index(eos) + 1 if eos is not None and eos in row else len(row)
-        rows.append(row[:cut])
-    return rows
 
 
 def greedy(max_new: int, eos: int | None = None, **kw) -> ExitPolicy:
@@ -155,6 +141,50 @@ def test_rejection_sampling_keeps_greedy_rows_lossless():
     assert all(len(t) == 10 and all(0 <= x < V for x in t) for t in mixed.tokens)
 
 
+def test_rejection_sampling_draws_from_the_targets_distribution():
+    """Speculative sampling's promise: the second token (the first one a verification pass judges,
+    accepting or resampling the draft's) is distributed as the target's sum_t0 p(t0) p(t1 | t0).
+    Chi-square goodness of fit over N rows, failing by chance with probability 1e-6; the draft is
+    another model, so most drafts are rejected or resampled."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    np = pytest.importorskip("numpy")
+    model = tiny("llama")
+    small = tiny("llama", seed=7, layers=1, hidden=16)
+    for m, spread in ((model, 40.0), (small, 40.0)):  # peaked distributions, unlike each other
+        with torch.no_grad():
+            m.lm_head.weight.mul_(spread)
+    prompt, T, N = [5, 9, 2], 1.0, 6000
+    with torch.no_grad():
+        p0 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / T, -1)
+        nxt = torch.tensor([prompt + [t] for t in range(V)])
+        p1_given = torch.softmax(model(nxt).logits[:, -1].double() / T, -1)
+    p1 = (p0 @ p1_given).numpy()
+    res = haltkit.generate(model, [prompt] * N, exit=greedy(2), draft=DraftModel(small, max_len=3),
+                           method="rejection", sampling=[haltkit.SamplingParams(temperature=T, seed=s)
+                                                         for s in range(N)])
+    assert sum(res.drafted) > 0 and sum(res.accepted) < sum(res.drafted)  # a real mix of accept / reject
+    counts = np.bincount([t[1] for t in res.tokens], minlength=V)
+    exp = p1 * N
+    big = exp >= 5
+    obs, e = counts[big], exp[big]
+    if not big.all():
+        obs, e = np.append(obs, counts[~big].sum()), np.append(e, exp[~big].sum())
+    assert scipy_stats.chisquare(obs, e).pvalue > 1e-6
+
+
+def test_unseeded_sampling_draws_fresh_seeds_per_row_and_call_while_seeded_repeats():
+    model = tiny("llama")
+    prompts = [[5, 6, 7]] * 4
+    hot = haltkit.SamplingParams(temperature=1.5)
+    one = haltkit.generate(model, prompts, exit=greedy(8), sampling=hot).tokens
+    two = haltkit.generate(model, prompts, exit=greedy(8), sampling=hot).tokens
+    assert len({tuple(t) for t in one}) == 4 and one != two  # 111 tokens at T=1.5: a repeat is ~never chance
+    seeded = haltkit.SamplingParams(temperature=1.5, seed=3)
+    again = haltkit.generate(model, prompts, exit=greedy(8), sampling=seeded).tokens
+    assert again == haltkit.generate(model, prompts, exit=greedy(8), sampling=seeded).tokens
+    assert len({tuple(t) for t in again}) == 1  # one seed for every row: the same draw
+
+
 # -- value exits and compaction ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("draft", [None, "layer:1", "ngram"])
@@ -246,11 +276,21 @@ class _Tok:
     ("token_out_of_vocab", "prompt 0 has token id 111 outside the model's vocabulary"),
     ("early_layer_too_deep", r"layers must be an int in \[1, 2\)"),
     ("unknown_backend", "unknown backend 'tpu'"),
+    ("float_token_ids", "prompt 1, position 0: token id 3.0 is a float, not an int"),
+    ("bool_token_ids", "prompt 0, position 1: token id True is a bool, not an int"),
+    ("bool_input_ids_tensor", "input_ids must be an integer tensor .* torch.bool"),
+    ("float_input_ids_tensor", "input_ids must be an integer tensor .* torch.float32"),
+    ("mask_with_a_hole", "attention_mask row 1 has a hole: 0 at position 1 between real tokens at 0 and 2"),
+    ("mask_not_binary", "attention_mask row 0 holds 2"),
+    ("float_max_cache_len", "max_cache_len must be an int >= 1, got 64.0"),
+    ("cost_of_time_without_head", r"sequence 1: ExitPolicy\(cost_of_time=0.1\) .* value_head is None"),
+    ("cache_beyond_model_positions", r"needs 68 positions, but the cache holds 64 \(the model's max_position"),
+    ("draft_positions", r"sequence 0: .* needs 18 positions, but the cache holds 16 \(the draft model's max_position"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_work(case, match):
     model = tiny("llama")
-    calls = []
-    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    # Every submodule's forward: generate runs the body and the LM head, never model.forward.
+    calls = forward_calls(model)
     kw = dict(exit=greedy(8))
     prompts = [[1, 2], [3, 4, 5]]
     if case == "tokenizer_vocab":
@@ -270,9 +310,34 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, match):
         kw["draft"] = "layer:2"
     elif case == "unknown_backend":
         kw["backend"] = "tpu"
+    elif case == "float_token_ids":
+        prompts[1] = [3.0, 4.0]
+    elif case == "bool_token_ids":
+        prompts[0] = [1, True]
+    elif case in ("bool_input_ids_tensor", "float_input_ids_tensor"):
+        prompts = torch.ones(2, 3, dtype=torch.bool if case.startswith("bool") else torch.float32)
+    elif case == "mask_with_a_hole":
+        prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        kw["attention_mask"] = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    elif case == "mask_not_binary":
+        prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        kw["attention_mask"] = torch.tensor([[2, 1, 1], [1, 1, 1]])
+    elif case == "float_max_cache_len":
+        kw["max_cache_len"] = 64.0
+    elif case == "cost_of_time_without_head":
+        kw["exit"] = [greedy(8), greedy(8, cost_of_time=0.1)]
+    elif case == "cache_beyond_model_positions":  # a larger max_cache_len does not lift the model's limit
+        prompts[1] = [1] * 60
+        kw["max_cache_len"] = 100
+    elif case == "draft_positions":
+        small = tiny("llama", seed=7, layers=1, hidden=16)
+        small.config.max_position_embeddings = 16
+        draft_calls = forward_calls(small)
+        kw.update(draft=small, exit=greedy(16))
     with pytest.raises((ValueError, TypeError), match=match):
         haltkit.generate(model, prompts, **kw)
     assert calls == []
+    assert case != "draft_positions" or draft_calls == []
 
 
 # -- result, CLI, compile, benchmark ----------------------------------------------------------------
@@ -311,15 +376,103 @@ def test_cli_generate_runs_a_local_checkpoint(tmp_path, capsys):
     assert all(t[4:7] == list(tok.exit_tokens) for t in out["tokens"])
 
 
-def test_compiled_step_matches_eager_pads_its_bucket_and_is_reused():
+@pytest.fixture
+def toy_checkpoint(tmp_path):
+    from haltkit.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model = tiny("llama", vocab=tok.vocab_size)
+    model.config.eos_token_id = tok.eos_id
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "{ckpt}/nonexistent"], ["--model", "nonexistent", "the directory does not exist"]),
+    (["--prompt", "Q:1+\u00e9"], ["--prompt", "character '\u00e9' at position 4", "vocabulary"]),
+    (["--exit-text", "</think>\u00a7"], ["--exit-text", "character '\u00a7' at position 8"]),
+    (["--draft", "foo"], ["--draft foo", "not a directory", "'ngram'", "'layer:L'"]),
+    (["--cost-of-time", "0.1"], ["--cost-of-time 0.1", "--value-head"]),
+    (["--temperature", "-1"], ["temperature must be >= 0", "-1.0"]),
+    (["--chat"], ["--chat", "no chat template"]),
+    (["--value-head", "{ckpt}/missing.safetensors"], ["--value-head", "missing.safetensors", "does not exist"]),
+])
+def test_cli_generate_refuses_bad_input_in_one_line_with_exit_2(toy_checkpoint, capsys, monkeypatch, argv, words):
+    import haltkit.cli_engine as cli_engine
+    from haltkit.cli import main
+
+    argv = [a.format(ckpt=toy_checkpoint) for a in argv]
+    loads = []
+    real_load = cli_engine._load_local
+    monkeypatch.setattr(cli_engine, "_load_local", lambda path: loads.append(path) or real_load(path))
+    base = ["generate", "--model", str(toy_checkpoint), "--prompt", "Q:1+2<think>", "--max-new-tokens", "4"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err  # (Hugging Face's weight-loading bar may come first)
+    errors = [line for line in err.splitlines() if line.startswith("haltkit generate: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err and err.rstrip().endswith(errors[0]), err
+    for w in words:
+        assert w in err, (w, err)
+    if argv[0] in ("--model", "--draft", "--cost-of-time", "--value-head"):
+        assert loads == []  # refused before the model loads
+
+
+def test_cli_generate_help_shows_every_option_with_text_and_defaults(capsys):
+    from haltkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for opt in ("--model", "--prompt", "--chat", "--value-head", "--cost-of-time", "--patience", "--thinking-budget",
+                "--exit-text", "--draft", "--draft-len", "--max-new-tokens", "--temperature", "--top-p", "--seed",
+                "--compile", "--backend", "--json"):
+        assert f"{opt} " in out
+    for default in ("K, the longest draft (default: 4)", "0 = greedy (default: 0.0)", "(default: auto)"):
+        assert default in out, default
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "x", "--prompt", "y", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_cli_chat_wraps_prompts_in_the_tokenizers_template(toy_checkpoint, capsys):
+    from haltkit.cli import main
+
+    cfg_path = toy_checkpoint / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}Q:{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
+    cfg_path.write_text(json.dumps(cfg))
+    run = ["generate", "--model", str(toy_checkpoint), "--max-new-tokens", "6", "--json"]
+    assert main(run + ["--prompt", "1+2", "--chat"]) == 0
+    chat = json.loads(capsys.readouterr().out)
+    assert main(run + ["--prompt", "Q:1+2<think>"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert chat["tokens"] == plain["tokens"] and len(chat["tokens"][0]) == 6
+
+
+def test_tokens_per_second_is_the_decode_loops_without_prefill_or_compile():
+    model = tiny("llama")
+    res = haltkit.generate(model, ragged_prompts(3), exit=greedy(6))
+    t = res.timings
+    # 3 rows x 6 tokens, of which the prefill emitted the first of each.
+    assert t["tokens_per_s"] == pytest.approx((18 - 3) / (t["decode"] - t["compile"]))
+    assert "decode " in repr(res).splitlines()[0] and "prefill" in repr(res).splitlines()[0]
+
+
+def test_compiled_step_matches_eager_across_buckets_and_is_reused():
     from haltkit import compiled
 
     model = tiny("llama", seed=3)
-    prompts = ragged_prompts(3)  # batch 3 runs in the bucket of 4, with one dead slot
-    want = haltkit.generate(model, prompts, exit=greedy(5)).tokens
-    first = haltkit.generate(model, prompts, exit=greedy(5), compile=True)
+    prompts = ragged_prompts(3)
+    # Batch 3 runs in the bucket of 4 (one dead slot); when row 1 stops after 2 tokens the two
+    # left move into the bucket of 2 (their cache rows copied across), sampled rows included.
+    exits = [greedy(6), greedy(2), greedy(6)]
+    params = [haltkit.SamplingParams(temperature=0.0)] + sampled(2)
+    want = haltkit.generate(model, prompts, exit=exits, sampling=params).tokens
+    first = haltkit.generate(model, prompts, exit=exits, sampling=params, compile=True)
     assert first.tokens == want and first.timings["compile"] > 0
-    again = haltkit.generate(model, prompts, exit=greedy(5), compile=True)
+    assert [len(t) for t in want] == [6, 2, 6]
+    again = haltkit.generate(model, prompts, exit=exits, sampling=params, compile=True)
     assert again.tokens == want and again.timings["compile"] == 0.0
     compiled.clear()
 

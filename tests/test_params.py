@@ -6,6 +6,7 @@ value and (where known) the request index; good input must pack exactly as docum
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -110,12 +111,29 @@ def test_params_are_frozen_and_hashable():
 
 
 def test_documented_defaults():
-    assert SamplingParams() == SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
+    assert SamplingParams() == SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None)
     assert not SamplingParams().greedy and SamplingParams(temperature=0).greedy
     assert ExitPolicy() == ExitPolicy(
         cost_of_time=None, patience=1, min_new_tokens=0, max_new_tokens=256,
         eos_token_ids=(), thinking_budget=None, exit_tokens=(),
     )
+
+
+def test_unseeded_rows_get_fresh_seeds_and_seeded_rows_keep_theirs():
+    """As vLLM: one unseeded SamplingParams for a batch gives every sampled row its own seed, new
+    on every packing, without touching torch's random state; seeded rows keep theirs."""
+    unseeded, seeded = SamplingParams(temperature=1.5), SamplingParams(temperature=1.5, seed=7)
+    a = pack_requests(unseeded, ExitPolicy(), 10, batch_size=64).seed.tolist()
+    b = pack_requests(unseeded, ExitPolicy(), 10, batch_size=64).seed.tolist()
+    assert len(set(a)) == 64 and not set(a) & set(b)  # 2**63 values: a collision is a bug
+    assert all(0 <= s < 2**63 for s in a)
+    assert pack_requests([seeded, unseeded, seeded], ExitPolicy(), 10).seed.tolist()[::2] == [7, 7]
+    torch.manual_seed(3)  # fresh means fresh: not replayed by torch's seed, nor moving it
+    c = pack_requests(unseeded, ExitPolicy(), 10, batch_size=4).seed.tolist()
+    state = torch.get_rng_state()
+    torch.manual_seed(3)
+    assert not set(pack_requests(unseeded, ExitPolicy(), 10, batch_size=4).seed.tolist()) & set(c)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_unknown_keyword_raises():
@@ -381,12 +399,27 @@ def test_decode_step_boundary_error_says_what_was_expected(edit, exc, words):
 
 
 def test_decode_step_accepts_every_documented_dtype_combination():
+    """Each (logits, hidden/head) dtype gives what float32 gives on the same (rounded) values:
+    the same tokens, log-probs and values to the half type's precision."""
+    logits, hidden, _, _, _ = _inputs()
+    logits = logits * 3  # spread, so that a misread dtype moves tokens
+    req = pack_requests([SamplingParams(temperature=0.8, seed=s) for s in range(B - 1)] + [SamplingParams(temperature=0)],
+                        ExitPolicy(), V)
+    torch.manual_seed(0)
+    head32 = MarginalValueHead(D, hidden=4)
+    with torch.no_grad():
+        head32.b1.normal_()  # values away from zero, so that a relative error shows
     for ldt in (torch.float32, torch.bfloat16, torch.float16):
         for hdt in (torch.float32, torch.bfloat16, torch.float16):
-            logits, hidden, req, state, _ = _inputs()
-            head = MarginalValueHead(D, hidden=4, dtype=hdt)
-            out = haltkit.decode_step(logits.to(ldt), hidden.to(hdt), req, state, head)
+            head = copy.deepcopy(head32).to(hdt)
+            lg, h = logits.to(ldt), hidden.to(hdt)
+            out = haltkit.decode_step(lg, h, req, DecodeState.new(B), head)
+            want = haltkit.decode_step(lg.float(), h.float(), req, DecodeState.new(B), copy.deepcopy(head).float())
             assert out.tokens.shape == (B,) and out.values.dtype == torch.float32
+            assert out.tokens.tolist() == want.tokens.tolist(), (ldt, hdt)
+            torch.testing.assert_close(out.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
+            tol = 1e-5 if hdt == torch.float32 else 2e-2
+            torch.testing.assert_close(out.values, want.values, atol=tol, rtol=tol)
 
 
 def test_decode_step_backend_errors():
@@ -398,9 +431,15 @@ def test_decode_step_backend_errors():
     with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
         haltkit.decode_step(logits, hidden, req, state, head, temperature=0.5)  # type: ignore[call-arg]
     avail = haltkit.backends()
+    assert set(avail) == {"torch", "triton", "cpu", "cuda"} and avail["torch"] == "available"
     for name, why in avail.items():
+        # Available, or a reason that says something (not an empty or a placeholder string).
+        assert why == "available" or (isinstance(why, str) and len(why.strip()) > 8), (name, why)
         if why != "available" and name in ("cpu", "triton"):
             with pytest.raises(RuntimeError) as err:
                 haltkit.decode_step(logits, hidden, req, state, head, backend=name)
             assert name in str(err.value) and why in str(err.value)
-    assert all(why == "available" or why for why in avail.values())
+        if why == "available" and name != "cuda":  # cuda needs CUDA tensors (checked above)
+            out = haltkit.decode_step(logits, hidden, req, DecodeState.new(B), head, backend=name)
+            ref = haltkit.decode_step(logits, hidden, req, DecodeState.new(B), head, backend="torch")
+            assert out.tokens.tolist() == ref.tokens.tolist(), name

@@ -17,7 +17,8 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        # By identity: a default of 0 or 0.0 compares equal to False, and is worth showing.
+        if not any(action.default is x for x in (None, False, argparse.SUPPRESS)) and "default" not in text:
             text += " (default: %(default)s)"
         return text
 

@@ -23,21 +23,72 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     """The options of ``haltkit generate``."""
     p.add_argument("--model", required=True, help="a local checkpoint directory (config, weights, tokenizer)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="store_true",
+                   help="instruct models: wrap each prompt as a user turn with the tokenizer's chat template")
     p.add_argument("--value-head", default=None, help="a value head file; one written by train-head also gives the "
                    "chat template, exit text, EOS ids, thinking budget, lambda and patience (options override)")
     p.add_argument("--cost-of-time", type=float, default=None, help="lambda: the price of one more step")
     p.add_argument("--patience", type=int, default=None, help="default: the head's, else ExitPolicy's")
-    p.add_argument("--thinking-budget", type=int, default=None)
+    p.add_argument("--thinking-budget", type=int, default=None, help="most thinking tokens (default: no budget)")
     p.add_argument("--exit-text", default=None, help="text forced at a thinking exit, e.g. '</think>A:'")
     p.add_argument("--draft", default=None, help="a draft checkpoint directory, 'ngram' or 'layer:L'")
-    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--draft-len", type=int, default=4, help="K, the longest draft")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the head's, else 64")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     p.add_argument("--compile", action="store_true", help="compile the decode step (slow first call)")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", help="the epilogue's backend: auto, torch, triton, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What can be refused before the model loads: paths, the draft, a price of time without a head.
+
+    Raises:
+        ValueError: naming the flag and its value.
+    """
+    import os
+
+    from .drafts import as_draft_source
+
+    if not os.path.isdir(args.model):
+        what = "is a file, not a directory" if os.path.exists(args.model) else "does not exist"
+        raise ValueError(f"--model {args.model}: the directory {what} (a local checkpoint directory is expected)")
+    if args.value_head is not None and not os.path.isfile(args.value_head):
+        raise ValueError(f"--value-head {args.value_head}: the file does not exist")
+    if args.draft is not None and not os.path.isdir(args.draft):
+        try:
+            as_draft_source(args.draft, max_len=args.draft_len)
+        except ValueError as e:
+            raise ValueError(f"--draft {args.draft}: not a directory, and {e}") from None
+    if args.cost_of_time is not None and args.value_head is None:
+        raise ValueError(f"--cost-of-time {args.cost_of_time:g} prices time against a value head's predictions: "
+                         "pass --value-head too")
+
+
+def _encode_checked(tok, flag: str, text: str) -> list[int]:
+    """``tok.encode(text)``; where it fails (a character outside a character-level tokenizer's
+    alphabet: the toy's fails with "WordLevel error: Missing [UNK] token"), an error naming the
+    flag, the character and its position."""
+    try:
+        return list(tok.encode(text, add_special_tokens=False))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        for i, ch in enumerate(text):
+            try:
+                tok.encode(ch, add_special_tokens=False)
+            except Exception:  # noqa: BLE001
+                raise ValueError(f"{flag} {text!r}: character {ch!r} at position {i} is not in the tokenizer's "
+                                 "vocabulary") from None
+        raise ValueError(f"{flag} {text!r}: the tokenizer cannot encode it ({e})") from None
+
+
+def _chat_ids(tok, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as one user turn in the tokenizer's chat template, the assistant's turn opened."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("--chat: the model's tokenizer has no chat template (tokenizer_config.json chat_template)")
+    return [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)) for p in prompts]
 
 
 def _load_local(path: str):
@@ -56,7 +107,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from .drafts import as_draft_source
     from .value_head import load_value_head
 
+    _check_args(args)
     model, tok = _load_local(args.model)
+    for text in args.prompt:
+        _encode_checked(tok, "--prompt", text)
+    if args.exit_text:
+        _encode_checked(tok, "--exit-text", args.exit_text)
     head = load_value_head(args.value_head, model, tok) if args.value_head else None
     defaults = head.exit_defaults() if head is not None else {}
     # A checkpoint directory, else "ngram" or "layer:L" (anything else raises, saying what is accepted).
@@ -79,6 +135,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt_kw = {"input_ids": ids}
     else:
         prompt_kw = {"prompts": args.prompt}
+    if args.chat:
+        prompt_kw = {"input_ids": _chat_ids(tok, args.prompt)}
     res = generate(model, **prompt_kw, tokenizer=tok, value_head=head, exit=policy, sampling=sampling,
                    draft=draft, compile=args.compile, backend=args.backend)
     print(json.dumps(res.to_dict(), indent=1) if args.json else res)

@@ -13,6 +13,7 @@ Kernels never see these objects: :func:`pack_requests` turns a batch of them int
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -67,13 +68,21 @@ class SamplingParams:
     a Philox generator keyed by ``seed`` and the request's own step: a request's tokens depend on
     its seed, its logits and its step only, never on the batch around it or on the backend.
 
+    Seeds: a seeded request is reproducible (same seed, same logits: same tokens, in any batch).
+    An unseeded one (``seed=None``, the default) gets a fresh seed per row each time it is packed
+    (:func:`pack_requests`, hence every ``generate`` call), as vLLM does: four rows sharing one
+    unseeded ``SamplingParams`` draw four independent samples, and a repeated call draws anew.
+    Fresh seeds come from the operating system's entropy (``secrets``), so drawing them never
+    moves torch's or Python's random state (a vLLM engine's own unseeded draws stay as they
+    were); pass seeds for a reproducible run. Greedy rows use no seed.
+
     Args:
         temperature: 0 for greedy (lowest index among equal maxima), else > 0 within float32's
             normal range [1.2e-38, 3.4e38]. Default 1.0.
         top_k: >= 0. Default 0 (off).
         top_p: in (0, 1]. Default 1.0 (off).
         min_p: in [0, 1]. Default 0.0 (off).
-        seed: in [0, 2**63). Default 0.
+        seed: in [0, 2**63), or None for a fresh seed per row at packing. Default None.
 
     Raises:
         ValueError: naming the field and the offending value.
@@ -83,7 +92,7 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         t = _check_float("temperature", self.temperature)
@@ -103,7 +112,8 @@ class SamplingParams:
         m = _check_float("min_p", self.min_p)
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check_int("seed", self.seed, 0, SEED_MAX)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, SEED_MAX)
 
     @property
     def greedy(self) -> bool:
@@ -254,6 +264,12 @@ def _broadcast(name: str, value, batch_size: int | None) -> list:
     return items
 
 
+def _seeds(samp: list[SamplingParams]) -> list[int]:
+    """Each row's seed: its own, or (unseeded, sampled rows) a fresh one from the OS's entropy;
+    greedy rows without a seed get 0, which they never read."""
+    return [s.seed if s.seed is not None else (0 if s.greedy else secrets.randbits(63)) for s in samp]
+
+
 def pack_requests(
     sampling: SamplingParams | Sequence[SamplingParams],
     exits: ExitPolicy | Sequence[ExitPolicy],
@@ -262,6 +278,9 @@ def pack_requests(
     device: torch.device | str = "cpu",
 ) -> RequestBatch:
     """Pack per-request parameters into one :class:`RequestBatch` of ``[B]`` tensors.
+
+    Unseeded sampled requests (``seed=None``) get a fresh seed per row here (see
+    :class:`SamplingParams`).
 
     Args:
         sampling: one :class:`SamplingParams` for every request, or one per request.
@@ -320,7 +339,7 @@ def pack_requests(
         top_k=col([s.top_k for s in samp], torch.int32),
         top_p=col([s.top_p for s in samp], torch.float32),
         min_p=col([s.min_p for s in samp], torch.float32),
-        seed=col([s.seed for s in samp], torch.int64),
+        seed=col(_seeds(samp), torch.int64),
         cost_of_time=col(
             [-math.inf if e.cost_of_time is None else e.cost_of_time for e in pol], torch.float32
         ),

@@ -28,7 +28,8 @@ class GenerateResult:
         target_forwards: forward passes of the target model, prefill included.
         draft_forwards: forward passes of the draft model (0 for prompt lookup or no draft).
         timings: seconds: "prefill", "decode" (the loop, compile included), "compile",
-            "total"; and "tokens_per_s" (generated tokens over total).
+            "total"; and "tokens_per_s", the decode loop's throughput: tokens after each row's
+            first (which the prefill emits) over the loop's time less compile time.
     """
 
     tokens: list[list[int]]
@@ -75,7 +76,8 @@ class GenerateResult:
         head = (
             f"GenerateResult(B={self.batch_size}, tokens={self.total_tokens}, "
             f"target_forwards={self.target_forwards}, "
-            f"{t.get('tokens_per_s', math.nan):.1f} tok/s, compile {t.get('compile', 0.0):.1f}s)"
+            f"decode {t.get('tokens_per_s', math.nan):.1f} tok/s, prefill {t.get('prefill', 0.0):.2f}s, "
+            f"compile {t.get('compile', 0.0):.1f}s)"
         )
         lines = [head, f"  {'seq':>3} {'steps':>5} {'think':>5} {'think end':>9} {'finish':>7}  "
                        f"{'value min/mean/max':>20}  {'accepted':>9}  output"]
