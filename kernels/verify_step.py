@@ -293,6 +293,9 @@ def verify_step(
             torch.empty(B, K1, **f32), torch.empty(B, K1, **f32),
             torch.empty(B, **i64), torch.empty((), **i64),
         )
+    if B == 0:  # nothing to launch: a grid of zero programs would leave num_active unwritten
+        out.num_active.zero_()
+        return out
     if head is not None:
         w1, b1, w2, b2 = (t.contiguous() for t in head)
         R, d = w1.shape[0], w1.shape[1] - 2

@@ -618,10 +618,12 @@ def test_malformed_row_is_an_error_row_and_leaves_the_others_alone(backend, defe
 # Triton against the reference on the same seeds.
 
 @pytest.mark.parametrize("q_form", ["full", "point"])
-def test_triton_rejection_matches_reference_on_the_same_seeds(q_form):
-    """Same tokens and acceptances as the reference; the spec allows 0.1% of draws to differ (an ulp
-    of the kept mass can flip a comparison), which with fewer than 1000 draws means none."""
+def test_triton_and_cpu_rejection_match_reference_on_the_same_seeds(q_form):
+    """Same tokens and acceptances as the reference, for Triton and the native cpu backend; the
+    spec allows 0.1% of draws to differ (an ulp of the kept mass can flip a comparison), which
+    with fewer than 1000 draws means none."""
     needs("triton")
+    needs("cpu")
     B, K, V = 16, 3, 300
     gen, requests, logits, hidden, head, state = scenario(B, K, V, 8, 77, head_kind="linear")
     tgen = torch.Generator().manual_seed(78)
@@ -639,13 +641,17 @@ def test_triton_rejection_matches_reference_on_the_same_seeds(q_form):
         st = state.clone()
         runs[backend] = (haltkit.verify_step(logits, hidden, drafts, lens, requests, st, head, q, "rejection",
                                              backend), st)
-    (ref, ref_state), (tri, tri_state) = runs["torch"], runs["triton"]
-    assert torch.equal(tri.tokens, ref.tokens)
-    assert torch.equal(tri.num_accepted, ref.num_accepted) and torch.equal(tri.num_emitted, ref.num_emitted)
-    for name in vars(ref_state):
-        assert torch.equal(getattr(tri_state, name), getattr(ref_state, name)), name
-    torch.testing.assert_close(tri.values, ref.values, equal_nan=True, **dict(zip(("rtol", "atol"), TOL[torch.float32])))
-    torch.testing.assert_close(tri.logprobs, ref.logprobs, equal_nan=True, **dict(zip(("rtol", "atol"), TOL[torch.float32])))
+    ref, ref_state = runs["torch"]
+    assert set(runs) == {"torch", "triton", "cpu"}
+    for backend in ("triton", "cpu"):
+        got, got_state = runs[backend]
+        assert torch.equal(got.tokens, ref.tokens), backend
+        assert torch.equal(got.num_accepted, ref.num_accepted) and torch.equal(got.num_emitted, ref.num_emitted), backend
+        for name in vars(ref_state):
+            assert torch.equal(getattr(got_state, name), getattr(ref_state, name)), (backend, name)
+        tol = dict(zip(("rtol", "atol"), TOL[torch.float32]))
+        torch.testing.assert_close(got.values, ref.values, equal_nan=True, msg=backend, **tol)
+        torch.testing.assert_close(got.logprobs, ref.logprobs, equal_nan=True, msg=backend, **tol)
     assert int(ref.num_accepted.sum()) > 0 and int((ref.num_accepted < torch.minimum(lens, ref.num_emitted)).sum()) > 0
 
 
@@ -765,3 +771,33 @@ def test_gpu_backends_match_reference_at_a_real_vocabulary(method):
             assert torch.equal(getattr(got_st, name), getattr(ref_st, name)), (backend, name)
         torch.testing.assert_close(got.logprobs, ref.logprobs, equal_nan=True,
                                    **dict(zip(("rtol", "atol"), TOL[torch.bfloat16])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_has_no_active_rows(backend):
+    # B = 0, as after compacting to nothing: num_active must be written (0), never left as it was.
+    needs(backend)
+    V, K = 50, 2
+    requests = pack_requests(SamplingParams(), ExitPolicy(), V, 1).index_select(torch.zeros(0, dtype=torch.int64))
+    state = DecodeState.new(0)
+    got = haltkit.verify_step(torch.randn(0, K + 1, V), None, torch.zeros(0, K, dtype=torch.int64),
+                              torch.zeros(0, dtype=torch.int32), requests, state, None, backend=backend)
+    assert int(got.num_active) == 0 and got.tokens.shape == (0, K + 1) and got.active_idx.shape == (0,)
+
+
+def test_triton_launcher_writes_num_active_for_an_empty_batch():
+    # The launcher's own output buffers, poisoned: a zero-program grid would leave 12345 there.
+    needs("triton")
+    from haltkit.kernels.verify_step import verify_step as triton_verify
+    from haltkit.reference.verify_step import VerifyOutput
+
+    V, K = 50, 2
+    i32, i64, f32 = (dict(dtype=dt) for dt in (torch.int32, torch.int64, torch.float32))
+    out = VerifyOutput(torch.empty(0, K + 1, **i64), torch.empty(0, **i32), torch.empty(0, **i32),
+                       torch.empty(0, K + 1, **f32), torch.empty(0, K + 1, **f32), torch.empty(0, **i64),
+                       torch.full((), 12345, **i64))
+    triton_verify(torch.randn(0, K + 1, V), None, torch.zeros(0, K, dtype=torch.int64),
+                  torch.zeros(0, dtype=torch.int32),
+                  pack_requests(SamplingParams(), ExitPolicy(), V, 1).index_select(torch.zeros(0, dtype=torch.int64)),
+                  DecodeState.new(0), None, out=out)
+    assert int(out.num_active) == 0
