@@ -71,3 +71,5 @@ def test_adapter_refuses_a_head_of_the_wrong_size_and_a_wrong_batch():
     vx = ValueExit(model, exit=ExitPolicy(max_new_tokens=4), batch_size=2)
     with pytest.raises(ValueError, match="the requests describe 2 rows but generate scored 3"):
         hf_run(model, ragged_prompts(3), vx, 4)
+    with pytest.raises(ValueError, match=r"row 1: ExitPolicy\(cost_of_time=0.5\) .* value_head is None"):
+        ValueExit(model, exit=[ExitPolicy(max_new_tokens=4), ExitPolicy(max_new_tokens=4, cost_of_time=0.5)])

@@ -87,6 +87,14 @@ class ValueExit:
         self.device = next(model.parameters()).device
         self.requests = pack_requests(sampling, exit, vocab, batch_size, self.device)
         B = self.requests.batch_size
+        if value_head is None:  # a price of time without a head would end every row with "error"
+            lams = self.requests.cost_of_time.tolist()
+            priced = [b for b, lam in enumerate(lams) if lam != -math.inf]
+            if priced:
+                raise ValueError(
+                    f"row {priced[0]}: ExitPolicy(cost_of_time={lams[priced[0]]:g}) prices time against the value "
+                    "head's predictions, but value_head is None: pass a value head, or cost_of_time=None"
+                )
         self.state = DecodeState.new(B, self.device)
         self.head, self.backend = value_head, backend
         if pad_token_id is None:
