@@ -9,7 +9,7 @@ from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from .result import GenerateResult
 from .speculative import VerifyOutput
 from .state import DecodeState, Reason, StepOutput
-from .value_head import HeadWeights, MarginalValueHead
+from .value_head import HeadWeights, MarginalValueHead, load_value_head
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "GenerateResult",
     "HeadWeights",
     "MarginalValueHead",
+    "load_value_head",
     "PromptLookup",
     "Reason",
     "RequestBatch",

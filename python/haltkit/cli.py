@@ -137,7 +137,7 @@ def _eval_exits(args: argparse.Namespace) -> int:
     task, problems, _ = _task_and_problems(args, held_out=True)
     result = eval_exits(args.model, args.value_head, task, problems, args.out, gguf_file=args.gguf_file,
                         batch_size=args.batch_size, check_generate=not args.no_generate_check,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, allow_unfit=args.allow_unfit)
     print(result["markdown"])
     print(f"written: {result['files']}")
     return 0
@@ -210,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--model", required=True, help="a Hugging Face model directory")
     ev.add_argument("--value-head", required=True, help="a head written by train-head")
     ev.add_argument("--out", required=True, help="directory for eval_exits.{json,md,png}")
+    ev.add_argument("--allow-unfit", action="store_true", help="evaluate a head the quality gate marked unfit")
     ev.add_argument("--no-generate-check", action="store_true", help="skip the haltkit.generate run that checks "
                     "the replayed default operating point")
     _add_task_args(ev)

@@ -117,7 +117,7 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: str, gguf_file: str | None = None,
                batch_size: int = 64, lambda_factors=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0),
                budget_fractions=(0.25, 0.5, 0.75, 1.0, 1.5), check_generate: bool = True, progress: bool = True,
-               model_and_tokenizer=None) -> dict:
+               model_and_tokenizer=None, allow_unfit: bool = False) -> dict:
     """The frontier of a head on a task: JSON, markdown table and PNG under ``out_dir``.
 
     Greedy rollouts of every problem with a forced-answer probe after every think token give
@@ -133,6 +133,7 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
         task, problems: the evaluation problems (held out from training).
         lambda_factors: multiples of the default operating point's price.
         budget_fractions: fixed budgets as multiples of the mean no-exit think length.
+        allow_unfit: evaluate a head that train-head's quality gate marked unfit (the report says so).
     Returns:
         {"rows": overall summary, "per_level": {group: rows}, "markdown", "files"}.
     Raises:
@@ -144,7 +145,7 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
     from .pipeline import RolloutConfig, rollout_batch
 
     model, tok = model_and_tokenizer or load_model(model_dir, gguf_file)
-    head = load_value_head(head_path, model, tok)
+    head = load_value_head(head_path, model, tok, allow_unfit=allow_unfit)
     if head.meta is None or "conventions" not in head.meta:
         raise ValueError(f"{head_path}: a head without train-head metadata (no exit tokens or operating point)")
     conv = Conventions.from_dict(head.meta["conventions"])
@@ -213,13 +214,16 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
         groups.update({f"level {lv}": [i for i, p in enumerate(problems) if p.difficulty == lv] for lv in levels})
     result = {"model": os.path.abspath(model_dir), "head": os.path.abspath(head_path), "problems": len(problems),
               "distinct_questions": len({p.question for p in problems}), "patience": patience,
-              "thinking_budget": B, "generate_check": check, "per_group": {}}
+              "thinking_budget": B, "generate_check": check, "fit": head.meta.get("fit"), "per_group": {}}
     md = [f"# eval-exits: {os.path.basename(os.path.abspath(model_dir))}, {len(problems)} problems "
           f"({result['distinct_questions']} distinct questions)", "",
           f"Greedy decoding, thinking budget {B}, head patience {patience} (from the head file). Every point is "
           "exact for greedy decoding: a forced-answer probe after every think token, the head replayed with the "
           "kernel's exit rule. 'truncation at the same tokens' interpolates the fixed budgets at the head point's "
           "mean think tokens.", ""]
+    if not (head.meta.get("fit") or {}).get("ok", True):
+        md += ["**This head was marked UNFIT by train-head's quality gate: "
+               + "; ".join(head.meta["fit"].get("reasons", [])) + ".**", ""]
     if check is not None:
         md += [f"Check against `haltkit.generate` at the default operating point: accuracy "
                f"{check['generate']['accuracy']:.3f} vs replay {check['replay']['accuracy']:.3f}, think tokens "
