@@ -102,3 +102,22 @@ def test_a_second_compiled_call_is_refused_while_one_runs_and_allowed_after():
         haltkit.generate(model, prompts, exit=ExitPolicy(max_new_tokens=1), compile=True)
     handle.remove()
     assert haltkit.generate(model, prompts, exit=ExitPolicy(max_new_tokens=1), compile=True).tokens == want
+
+
+def test_attention_switch_is_shared_by_concurrent_forwards():
+    """FlashAttention runs switch the model's attention implementation for their forward (GPU
+    only); eight threads inside at once all see the switch, and the user's setting comes back."""
+    import types
+
+    from haltkit.runner import _attn_implementation
+
+    cfg = types.SimpleNamespace(_attn_implementation="sdpa")
+    seen = []
+
+    def forward():
+        with _attn_implementation(cfg, "haltkit_flash_kvcache"):
+            time.sleep(0.01)  # the others enter and leave meanwhile
+            seen.append(cfg._attn_implementation)
+
+    _run_threads([forward] * 8)
+    assert seen == ["haltkit_flash_kvcache"] * 8 and cfg._attn_implementation == "sdpa"

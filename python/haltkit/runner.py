@@ -10,10 +10,13 @@ The attention mask follows from the positions alone (key ``j`` is visible to a q
 
 Model contract (:func:`split_model`): a Hugging Face causal LM is run as its
 ``base_model`` (whose ``last_hidden_state`` is the final hidden state, after the final norm) plus
-its output embeddings (the LM head), so the value head reads the LM head's input without a second
-forward pass. Any other ``nn.Module`` works if its ``forward`` takes Hugging Face's arguments
-(``input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states``)
-and returns ``logits`` and ``hidden_states`` whose last entry is the LM head's input.
+its output embeddings (the LM head) and the family's logit transform (:data:`FAMILIES`), so the
+value head reads the LM head's input without a second forward pass. The cache goes in as
+``cache`` where the forward declares it (transformers >= 5.2x), else as ``past_key_values``.
+Any other ``nn.Module`` works if its ``forward`` takes Hugging Face's arguments
+(``input_ids, attention_mask, position_ids, past_key_values`` (or ``cache``), ``use_cache,
+output_hidden_states``) and returns ``logits`` and ``hidden_states`` whose last entry is the LM
+head's input. Families haltkit cannot run exactly are refused up front (:func:`check_family`).
 """
 
 from __future__ import annotations
@@ -386,7 +389,17 @@ class ModelRunner:
         """The body with FlashAttention over the cache (``haltkit.flash``), no mask tensor."""
         from .flash import NAME
 
-        with _attn_implementation(self.body.config, NAME):
+        cfg = self.body.config
+        if torch.compiler.is_compiling():
+            # A traced step (one compiled call at a time, compiled.exclusive): a plain swap,
+            # which dynamo traces as it always has.
+            before = cfg._attn_implementation
+            cfg._attn_implementation = NAME
+            try:
+                return self.body(attention_mask=None, haltkit_seqlens=seqlens, **kwargs).last_hidden_state
+            finally:
+                cfg._attn_implementation = before
+        with _attn_implementation(cfg, NAME):
             return self.body(attention_mask=None, haltkit_seqlens=seqlens, **kwargs).last_hidden_state
 
     def forward(
@@ -454,22 +467,14 @@ class _attn_implementation:
 
     def __init__(self, config, name: str) -> None:
         self.config, self.name = config, name
-        self.before = None
 
     def __enter__(self) -> None:
-        if torch.compiler.is_compiling():  # a traced step (one compiled generate at a time): a plain swap
-            self.before = self.config._attn_implementation
-            self.config._attn_implementation = self.name
-            return
         with _ATTN_LOCK:
             entry = _ATTN_SWITCH.setdefault(id(self.config), [self.config._attn_implementation, 0])
             entry[1] += 1
             self.config._attn_implementation = self.name
 
     def __exit__(self, *exc) -> None:
-        if torch.compiler.is_compiling():
-            self.config._attn_implementation = self.before
-            return
         with _ATTN_LOCK:
             entry = _ATTN_SWITCH[id(self.config)]
             entry[1] -= 1
