@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -323,10 +324,16 @@ def test_eval_exits_replay_equals_generate_and_writes_the_frontier(tmp_path):
     values = torch.tensor([v for row in res.values for v in row if v == v])
     head.meta["operating_points"]["within_1pt"]["cost_of_time"] = float(values.median())
     head.save(tmp_path / "h.safetensors")
-    out = eval_exits(str(tmp_path), str(tmp_path / "h.safetensors"), ChainSum(), problems, str(tmp_path / "eval"),
+    class TextParity:  # a score that changes with any character of the answer: replies and probes must match
+        @staticmethod
+        def verify(problem, answer):
+            return float(zlib.crc32(answer.encode()) % 2)
+
+    out = eval_exits(str(tmp_path), str(tmp_path / "h.safetensors"), TextParity(), problems, str(tmp_path / "eval"),
                      progress=False, model_and_tokenizer=(model, tok))
     check = out["generate_check"]
-    assert check["same_think_length"] == 1.0 and check["generate"] == check["replay"], check
+    assert check["same_think_length"] == 1.0 and check["same_score"] == 1.0, check
+    assert check["generate"] == check["replay"], check
     assert 0 < check["generate"]["think_tokens"] < out["rows"][0]["think_tokens"]  # some exits, not all at once
     kinds = {r["kind"] for r in out["rows"]}
     assert kinds == {"no_exit", "head", "budget", "oracle"} and "level 3" in out["per_level"]

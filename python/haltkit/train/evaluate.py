@@ -44,7 +44,7 @@ def run_points(model, tokenizer, head, conv, task, problems: list, prompt_ids: l
             res = generate(model, input_ids=prompt_ids[i : i + batch_size], value_head=head,
                            exit=head.exit_policy(**s["policy"]))
             for p, toks in zip(problems[i : i + batch_size], res.tokens):
-                T, answer = answer_of(tokenizer, conv, toks)
+                T, answer = answer_of(tokenizer, conv, toks, int(head.meta.get("max_answer_tokens", 16)))
                 think.append(T)
                 correct.append(task.verify(p, answer))
         out.append({**s, "think": think, "correct": correct})
@@ -207,7 +207,8 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
                               "think_tokens": sum(gen["think"]) / len(problems)},
                  "replay": {"accuracy": sum(replay["correct"]) / len(problems),
                             "think_tokens": sum(replay["think"]) / len(problems)},
-                 "same_think_length": same / len(problems)}
+                 "same_think_length": same / len(problems),
+                 "same_score": sum(int(a == b) for a, b in zip(gen["correct"], replay["correct"])) / len(problems)}
     levels = sorted({p.difficulty for p in problems})
     groups = {"all": list(range(len(problems)))}
     if len(levels) > 1:
@@ -228,7 +229,8 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
         md += [f"Check against `haltkit.generate` at the default operating point: accuracy "
                f"{check['generate']['accuracy']:.3f} vs replay {check['replay']['accuracy']:.3f}, think tokens "
                f"{check['generate']['think_tokens']:.1f} vs {check['replay']['think_tokens']:.1f}; the same think "
-               f"length for {check['same_think_length']:.1%} of problems.", ""]
+               f"length for {check['same_think_length']:.1%} of problems, the same score for "
+               f"{check['same_score']:.1%}.", ""]
     os.makedirs(out_dir, exist_ok=True)
     for name, idx in groups.items():
         rows = _summary(points, idx)

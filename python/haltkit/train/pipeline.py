@@ -71,15 +71,18 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
 
 
-def answer_of(tokenizer, conv: Conventions, tokens: list[int]) -> tuple[int, str]:
+def answer_of(tokenizer, conv: Conventions, tokens: list[int], max_answer: int | None = None) -> tuple[int, str]:
     """(think length T, answer text) of a generated reply: T tokens before the first
     ``think_close`` (or before EOS / the end when there is none); the answer is the text after the
-    exit text (after ``think_close`` alone when the model wrote another prefix), up to EOS."""
+    exit text (after ``think_close`` alone when the model wrote another prefix), up to EOS and,
+    with ``max_answer``, within the ``len(exit_ids) + max_answer`` tokens from ``think_close``
+    on: what a forced-answer probe reads, so that a reply and a probe are scored alike."""
     eos_at = next((i for i, t in enumerate(tokens) if t in conv.eos_ids), len(tokens))
     if conv.think_close_id not in tokens[:eos_at]:
         return eos_at, ""
     T = tokens.index(conv.think_close_id)
-    text = tokenizer.decode(tokens[T:eos_at])
+    end = eos_at if max_answer is None else min(eos_at, T + len(conv.exit_ids) + max_answer)
+    text = tokenizer.decode(tokens[T:end])
     for head in (conv.exit_text, conv.think_close):
         if text.startswith(head):
             text = text[len(head):]
@@ -176,7 +179,7 @@ def rollout_batch(model, tokenizer, conv: Conventions, task, problems: list, pro
     res = generate(model, input_ids=prompt_ids, exit=policy, sampling=sampling, backend=backend)
     thinks, naturals, closed = [], [], []
     for toks in res.tokens:
-        T, natural = answer_of(tokenizer, conv, toks)
+        T, natural = answer_of(tokenizer, conv, toks, cfg.max_answer)
         T = min(T, cfg.max_think)
         thinks.append(toks[:T])
         closed.append(T < len(toks) and toks[T] == conv.think_close_id and T < cfg.max_think)
