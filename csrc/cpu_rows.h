@@ -624,6 +624,201 @@ int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass,
   return sd.draft;  // unreachable: p is positive at the row's maximum
 }
 
+// --- filtered rows in two passes over the logits --------------------------------------------
+// A top-k and/or top-p row, sampled without writing z for the whole row:
+//   1. (scan_chunks) read the logits once: row check, max, and each chunk's maximum;
+//   2. (gather_candidates) read them again (from L2: a row is at most a few hundred KiB) computing
+//      z = (x - max) / t on the fly: the top-p total mass when the top-p set is taken over the
+//      whole row, and the candidates, the tokens with z at or above a bound that every kept token
+//      clears (from the chunk maxima alone, so most chunks are skipped after the max test);
+//   3. the thresholds, the kept set's mass and the Gumbel-max draw on the candidates only, in
+//      index order, Philox words made per candidate.
+// The bound: top-k, the k-th largest chunk maximum (k chunks reach it, so k tokens do: tau_k is
+// at least that); top-p over the whole row, log((1 - top_p) * S / V) for S the mass of the
+// chunk maxima, a lower bound on the total (the tokens below it hold less than (1 - top_p) of
+// the total, as in top_p_by_radix). Rows whose candidates are too many for this to pay (flat
+// rows), a large top-k, and speculative positions take the general path (fill_z and the rest).
+constexpr size_t kMaxCandidates = 32768;     // past this the general path is cheaper
+constexpr size_t kSortedCandidates = 1024;   // top-p candidates sorted up to this many, else radix-selected
+constexpr size_t kPivotChunks = 256;         // chunk maxima tried as the top-p pivot
+
+struct Candidates {
+  std::vector<int64_t> idx;  // token ids, ascending (buffers never shrink; n are in use)
+  std::vector<float> z;      // their scaled logits
+  size_t n = 0;
+};
+
+Candidates& candidates() {
+  static thread_local Candidates c;
+  return c;
+}
+
+// Row check, max and chunk maxima (into s.vals, one per chunk of kChunk tokens) in one pass.
+template <int DT>
+RowScan scan_chunks(const void* row, int64_t V, Scratch& s) {
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  s.vals.resize(static_cast<size_t>(chunks));
+  float m = -kInf;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t base = c * kChunk, n = std::min(kChunk, V - base);
+    float cm = -kInf;
+#pragma omp simd reduction(max : cm)
+    for (int64_t j = 0; j < n; ++j) cm = checked_max(cm, ld<DT>(row, base + j));
+    s.vals[static_cast<size_t>(c)] = cm;
+    m = checked_max(m, cm);
+  }
+  return RowScan{m, max_is_bad(m)};
+}
+
+// The sum of exp(z) over the whole row, in the order top_p_by_radix sums it (per chunk in double).
+template <int DT>
+double row_total(const void* row, int64_t V, float m, float t) {
+  double total = 0.0;
+  for (int64_t base = 0; base < V; base += kChunk) {
+    const int64_t n = std::min(kChunk, V - base);
+    // z, then the exps, in float vectors: a loop that also widens to double does not vectorise them.
+    float e[kChunk];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) e[j] = exp_f((ld<DT>(row, base + j) - m) / t);
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += static_cast<double>(e[j]);
+    total += acc;
+  }
+  return total;
+}
+
+// The candidates z >= bound, in index order, from the chunks whose maximum reaches the bound.
+template <int DT>
+bool gather_candidates(const void* row, int64_t V, float m, float t, float bound, const Scratch& s,
+                       Candidates& c) {
+  // Raw buffers with room for a whole chunk past the cap: candidates are written branch-free
+  // (every token written, the count advanced by the test), then cut to size.
+  if (c.idx.size() < kMaxCandidates + kChunk) {
+    c.idx.resize(kMaxCandidates + kChunk);
+    c.z.resize(kMaxCandidates + kChunk);
+  }
+  int64_t* idx = c.idx.data();
+  float* zc = c.z.data();
+  size_t count = 0;
+  for (int64_t ch = 0, base = 0; base < V; ++ch, base += kChunk) {
+    const int64_t n = std::min(kChunk, V - base);
+    if ((s.vals[static_cast<size_t>(ch)] - m) / t < bound) continue;  // the chunk's max z
+    float z[kChunk];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = (ld<DT>(row, base + j) - m) / t;
+    for (int64_t j = 0; j < n; ++j) {
+      idx[count] = base + j;
+      zc[count] = z[j];
+      count += z[j] >= bound ? 1 : 0;
+    }
+    if (count > kMaxCandidates) return false;
+  }
+  c.n = count;
+  return true;
+}
+
+// tau_p over the sorted (descending) candidate values `vals[0, n)`, the reference's cumsum replayed
+// in its own order: the first value whose running mass reaches `target`; -inf when none does.
+inline float top_p_over_sorted(const std::vector<float>& vals, size_t n, float target) {
+  double cum = 0.0;
+  for (size_t j = 0; j < n; ++j) {
+    cum += static_cast<double>(exp_f(vals[j]));
+    if (mass_reaches(cum, target)) return vals[j];
+  }
+  return -kInf;
+}
+
+struct DirectRow {
+  bool ok;     // false: take the general path
+  float tau;   // the kept set is z >= tau
+  Draw d;      // its mass and (when drawn) the token
+};
+
+// Steps 3 and 4 of a filtered row from its logits, as kept_threshold and mass_and_draw define
+// them (see the section comment); ok = false when the row is not one this path serves.
+template <int DT>
+DirectRow direct_row(const void* row, int64_t V, float m, float t, const Filter& f, bool draw, uint64_t seed,
+                     uint32_t step, Scratch& s) {
+  DirectRow out{false, -kInf, Draw{-1, 0.0}};
+  const int64_t chunks = static_cast<int64_t>(s.vals.size());
+  const bool small_k = f.top_k_on && f.top_k * 4 <= chunks;
+  if (f.top_k_on && !small_k) return out;
+  Candidates& c = candidates();
+  float bound;
+  double total = 0.0;
+  std::vector<float>& sorted = s.z;  // scratch for the sorted candidate values
+  if (small_k) {
+    sorted.assign(s.vals.begin(), s.vals.end());
+    std::nth_element(sorted.begin(), sorted.begin() + (f.top_k - 1), sorted.end(), std::greater<float>());
+    bound = (sorted[static_cast<size_t>(f.top_k - 1)] - m) / t;
+    if (!gather_candidates<DT>(row, V, m, t, bound, s, c)) return out;
+  } else {
+    total = row_total<DT>(row, V, m, t);
+    const float target = top_p_target(total, f.top_p);
+    // The pivot: the largest chunk maximum v whose chunk maxima at or above it already hold the
+    // target mass. The tokens with z >= v hold at least as much, so tau_p >= v (lowered by 1e-3
+    // against rounding). Peaked rows find it among their top chunk maxima; otherwise the bound
+    // of top_p_by_radix: log((1 - top_p) * total / V).
+    double b = std::log((1.0 - static_cast<double>(f.top_p)) * total / static_cast<double>(V)) - 1e-3;
+    const size_t top = std::min<size_t>(s.vals.size(), kPivotChunks);
+    sorted.resize(s.vals.size());
+    std::transform(s.vals.begin(), s.vals.end(), sorted.begin(), [&](float x) { return (x - m) / t; });
+    const auto mid = sorted.begin() + static_cast<std::ptrdiff_t>(top);
+    std::nth_element(sorted.begin(), mid - 1, sorted.end(), std::greater<float>());
+    std::sort(sorted.begin(), mid, std::greater<float>());
+    double cum = 0.0;
+    for (size_t j = 0; j < top; ++j) {
+      cum += static_cast<double>(exp_f(sorted[j]));
+      if (mass_reaches(cum, target)) {
+        b = std::max(b, static_cast<double>(sorted[j]) - 1e-3);
+        break;
+      }
+    }
+    bound = static_cast<float>(std::max(b, static_cast<double>(f.tau_m)));
+    if (!(bound > -kInf)) return out;
+    if (!gather_candidates<DT>(row, V, m, t, bound, s, c)) return out;
+  }
+  const size_t n = c.n;
+  float tau_k = -kInf, tau_p = -kInf;
+  if (!small_k && n > kSortedCandidates) {
+    // Many candidates (a flat top): the radix select by mass of top_p_by_radix, over them only.
+    s.keys.resize(n);
+    for (size_t j = 0; j < n; ++j) s.keys[j] = order_key(c.z[j]);
+    tau_p = radix_select<true>(s, 0, 0.0, top_p_target(total, f.top_p));
+  } else {
+    sorted.assign(c.z.begin(), c.z.begin() + static_cast<std::ptrdiff_t>(n));
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+  }
+  if (small_k) {
+    tau_k = sorted[static_cast<size_t>(f.top_k - 1)];
+    if (f.top_p_on) {
+      const size_t kept = std::upper_bound(sorted.begin(), sorted.end(), tau_k, std::greater<float>()) - sorted.begin();
+      double cum = 0.0;
+      for (size_t j = 0; j < kept; ++j) cum += static_cast<double>(exp_f(sorted[j]));
+      tau_p = top_p_over_sorted(sorted, kept, top_p_target(cum, f.top_p));
+    }
+  } else if (n <= kSortedCandidates) {
+    tau_p = top_p_over_sorted(sorted, n, top_p_target(total, f.top_p));
+  }
+  out.tau = std::max(std::max(tau_k, tau_p), f.tau_m);
+  if (!(out.tau >= bound)) return out;  // the kept set reaches below the candidates (rounding): general path
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  float best = -kInf;
+  for (size_t j = 0; j < n; ++j) {
+    const float zj = c.z[j];
+    if (!(zj >= out.tau)) continue;
+    out.d.mass += static_cast<double>(exp_f(zj));
+    if (!draw || zj + kGumbelMax < best) continue;
+    const int64_t i = c.idx[j];
+    const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(i >> 2), step, kStreamToken, 0u, k0, k1);
+    const float score = zj + gumbel_from_word(w.w[i & 3]);
+    if (score > best) best = score, out.d.token = i;  // strict: the first index wins a tie
+  }
+  out.ok = true;
+  return out;
+}
+
 // Judges one position of one row as decode_step specifies, updating `s`: value, row check,
 // exits, then the token (forced, speculative, greedy or drawn) and its log-prob.
 // `value` is the head's value at this position (NaN without a head), from head_values;
@@ -637,11 +832,15 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
   const bool greedy = r.temperature == 0.0f;
   const void* row = pos.logits;
 
+  // Filtered rows at non-speculative positions scan chunk maxima too, for direct_row.
+  const Filter f = row_filter(r, V);
+  const bool direct = !greedy && !pos.spec.on && (f.top_k_on || f.top_p_on);
   GreedyScan g{RowScan{0.0f, true}, -1, 0.0};
   if (scanned != nullptr) {
     g = *scanned;
   } else if (!pos.force_bad) {
-    g = greedy ? greedy_scan<DT>(row, V) : GreedyScan{scan_row<DT>(row, V), -1, 0.0};
+    g = greedy ? greedy_scan<DT>(row, V)
+               : GreedyScan{direct ? scan_chunks<DT>(row, V, scr) : scan_row<DT>(row, V), -1, 0.0};
   }
   const StepPlan p = plan_step(r, s, g.scan.bad, value);
 
@@ -652,10 +851,21 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
     token = p.forcing ? p.forced_token : g.token;
     logprob = (ld<DT>(row, token) - g.scan.max) - log_f(static_cast<float>(g.mass));
   } else if (p.emit) {
+    const uint32_t step0 = static_cast<uint32_t>(s.num_generated);
+    if (direct) {
+      const float t = row_temperature(r);
+      const DirectRow dr = direct_row<DT>(row, V, g.scan.max, t, f, p.draw, r.seed, step0, scr);
+      if (dr.ok) {
+        token = p.forcing ? p.forced_token : dr.d.token;
+        const float zt = (ld<DT>(row, token) - g.scan.max) / t;
+        logprob = zt >= dr.tau ? zt - log_f(static_cast<float>(dr.d.mass)) : -kInf;
+        finish_step(r, s, p, token);
+        return Judged{token, logprob, value};
+      }
+    }
     scr.z.resize(static_cast<size_t>(V));
     float* z = scr.z.data();
     fill_z<DT>(row, V, g.scan.max, row_temperature(r), z);
-    const Filter f = row_filter(r, V);
     const float tau = (f.top_k_on || f.top_p_on) ? kept_threshold(z, V, f, scr) : f.tau_m;
     const uint32_t step = static_cast<uint32_t>(s.num_generated);
     const bool speculate = p.draw && pos.spec.on;
