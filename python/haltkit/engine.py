@@ -210,7 +210,7 @@ def _check_setup(model, tokenizer, value_head, vocab, hidden, source) -> None:
                 f"the value head reads hidden states of size {value_head.d_model} "
                 f"but the model's final hidden state has size {hidden}"
             )
-        pass  # value_head.check_compatible(model, tokenizer)  # a trained head's vocabulary and tokenizer
+        value_head.check_compatible(model, tokenizer)  # a trained head's vocabulary and tokenizer
     if source is not None:
         source.check(model, vocab)
 
