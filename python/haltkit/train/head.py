@@ -426,8 +426,8 @@ def run_train_head(
     prompt_ids = conv.render_all(tok, problems)
     key = manifest_key(model, tok, conv, rc, task_id, len(problems))
     os.makedirs(out_dir, exist_ok=True)
-    rollouts = collect(model, tok, conv, task, problems, prompt_ids, os.path.join(out_dir, "rollouts"), rc, key, restart,
-                       progress, log)
+    rollouts = collect(model, tok, conv, task, problems, prompt_ids, os.path.join(out_dir, "rollouts"), rc, key,
+                       restart, progress, log)
     split = [split_of(r.problem.question, val_frac, test_frac) for r in rollouts]
     counts = {k: split.count(k) for k in ("train", "val", "test")}
     if min(counts.values()) == 0:
