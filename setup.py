@@ -107,10 +107,11 @@ setup(
         "triton": ["triton>=3.0"],
         # pybind11 builds the sanitizer variant of haltkit._cpu; cuobjdump checks haltkit._C's archs.
         "test": ["pytest>=8", "pytest-xdist", "hypothesis", "triton>=3.0", "numpy", "scipy", "transformers>=4.56",
-                 "pybind11>=2.11", "nvidia-cuda-cuobjdump"],
-        # The toy models, train-toy and train-head run on Hugging Face Llama; bench plots need matplotlib;
+                 "pybind11>=2.11", "nvidia-cuda-cuobjdump", "matplotlib"],
+        # The toy models, train-toy and train-head run on Hugging Face Llama; eval-exits and bench plots
+        # need matplotlib;
         # bench/e2e_real.py loads SmolLM2's GGUF weights through transformers (gguf, accelerate).
-        "toy": ["transformers>=4.56"],
+        "toy": ["transformers>=4.56", "matplotlib"],
         "bench": ["transformers>=4.56", "matplotlib", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["haltkit=haltkit.cli:main"]},
