@@ -66,6 +66,7 @@ step() {
   timeout --kill-after=10 "$limit" bash -c "$cmd" >> "$LOG" 2>&1
   rc=$?
   if [ $rc = 0 ]; then status=$([ "$DRY" = 1 ] && echo dry-run || echo passed)
+  elif [ $rc = 77 ]; then status=skipped
   elif [ $rc = 124 ] || [ $rc = 137 ]; then status="timeout after ${limit}s"
   else status=failed; fi
   local ms=$((($(date +%s%N) - start) / 1000000))
@@ -101,6 +102,9 @@ step e2e 120 "$PY scripts/gpu_check.py e2e" "$PY scripts/gpu_check.py e2e --dry-
 # Optional checks other parts of haltkit add here, one `step` line each (NAME, seconds, GPU
 # command, dry-run command), e.g. the vLLM V1/V2 engine-level check. Keep the total near 10 min
 # and the files under OUTDIR at most 8 (the log holds each step's output).
+# vLLM inside a real engine (Model Runner V2, n-gram drafts): exit status 77 when this machine has
+# no CUDA build of vLLM, recorded as skipped.
+step vllm 300 "$PY scripts/gpu_check_vllm.py" "$PY -m py_compile scripts/gpu_check_vllm.py"
 # ---- end of EXTRA CHECKS ----------------------------------------------------------------------
 
 for f in decode_step.json decode_step.md verify_step.json verify_step.md; do

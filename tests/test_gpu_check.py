@@ -11,7 +11,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-STEPS = ["env", "build", "emu", "gpu-tests", "memcheck", "racecheck", "synccheck", "initcheck", "bench", "e2e"]
+STEPS = ["env", "build", "emu", "gpu-tests", "memcheck", "racecheck", "synccheck", "initcheck", "bench", "e2e", "vllm"]
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
