@@ -93,3 +93,55 @@ def test_without_vllm_the_module_imports_and_says_what_is_missing(monkeypatch):
         server_args()
     with pytest.raises(ImportError, match="haltkit.vllm needs vLLM"):
         haltkit.vllm.ValueExitLogitsProcessor
+
+
+def _head_with_meta(path, vocab: int = 100, fit_ok: bool = True) -> None:
+    head = haltkit.MarginalValueHead(16)
+    head.meta = {
+        "model": {"hidden_size": 16, "vocab_size": vocab},
+        "conventions": {"exit_ids": [7, 8], "eos_ids": [2]},
+        "thinking_budget": 40,
+        "operating_points": {"no_loss": {"cost_of_time": 0.02, "patience": 4}},
+        "default_operating_point": "no_loss",
+        "fit": {"ok": fit_ok, "reasons": [] if fit_ok else ["head no better than a constant"]},
+    }
+    head.save(path)
+
+
+def _vllm_config(head_path, vocab: int = 100):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(get_hidden_size=lambda: 16, get_vocab_size=lambda: vocab)
+    return SimpleNamespace(additional_config={haltkit.vllm.CONFIG_KEY: {"value_head": str(head_path),
+                                                                        "backend": "torch"}},
+                           model_config=model)
+
+
+def test_a_trained_heads_settings_fill_what_a_request_leaves_out(tmp_path):
+    from vllm import SamplingParams as VllmSamplingParams
+
+    from haltkit.vllm.processor import engine_settings, request_policy
+
+    _head_with_meta(tmp_path / "h.safetensors")
+    _, head, vocab, defaults = engine_settings(_vllm_config(tmp_path / "h.safetensors"), torch.device("cpu"))
+    assert head is not None and vocab == 100
+    assert defaults == {"cost_of_time": 0.02, "patience": 4, "exit_tokens": (7, 8), "thinking_budget": 40}
+    # One haltkit parameter opts a request in; the head fills the rest, vLLM keeps length and stops.
+    pol = request_policy(VllmSamplingParams(max_tokens=64, extra_args={"patience": 2}), defaults)
+    assert pol == ExitPolicy(cost_of_time=0.02, patience=2, max_new_tokens=64, thinking_budget=40,
+                             exit_tokens=(7, 8))
+    pol = request_policy(VllmSamplingParams(max_tokens=64, extra_args={"cost_of_time": 0.5}), defaults)
+    assert (pol.cost_of_time, pol.patience) == (0.5, 4)
+    # Without any haltkit parameter a request stays plain vLLM, whatever the head says.
+    assert request_policy(VllmSamplingParams(max_tokens=64), defaults) is None
+
+
+def test_an_unfit_head_or_one_of_another_vocabulary_is_refused_at_engine_start(tmp_path):
+    from haltkit.vllm.processor import engine_settings
+
+    _head_with_meta(tmp_path / "unfit.safetensors", fit_ok=False)
+    with pytest.raises(ValueError, match="unfit"):
+        engine_settings(_vllm_config(tmp_path / "unfit.safetensors"), torch.device("cpu"))
+    _head_with_meta(tmp_path / "other.safetensors", vocab=50)
+    with pytest.raises(ValueError, match="vocabulary of 50 tokens; this model has 100"):
+        engine_settings(_vllm_config(tmp_path / "other.safetensors"), torch.device("cpu"))

@@ -34,6 +34,7 @@ __all__ = [
     "engine_args",
     "server_args",
     "exit_policy_from_args",
+    "head_defaults",
 ]
 
 #: Per-request parameters read from ``SamplingParams.extra_args`` / ``vllm_xargs`` (ExitPolicy's
@@ -72,6 +73,7 @@ def exit_policy_from_args(
     extra_args: Mapping[str, Any] | None,
     max_tokens: int | None = None,
     eos_token_ids: tuple[int, ...] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> ExitPolicy | None:
     """The request's :class:`~haltkit.ExitPolicy`, or None when it carries no haltkit parameter.
 
@@ -82,6 +84,9 @@ def exit_policy_from_args(
         max_tokens: the request's ``max_tokens`` (the head's budget feature when there is no
             thinking budget); None means unknown yet.
         eos_token_ids: the ids vLLM stops the request on.
+        defaults: the engine's value head's exit settings (:func:`head_defaults`), which fill the
+            parameters a request leaves out; a request without any haltkit parameter stays plain
+            vLLM whatever the head says.
 
     Returns:
         The validated policy, or None.
@@ -110,8 +115,25 @@ def exit_policy_from_args(
         return None
     if "exit_tokens" in given and isinstance(given["exit_tokens"], int):
         given["exit_tokens"] = (given["exit_tokens"],)  # vllm_xargs may carry a lone int
+    given = {**(defaults or {}), **given}
     return ExitPolicy(**given, max_new_tokens=_I32 if max_tokens is None else max_tokens,
                       eos_token_ids=tuple(eos_token_ids))
+
+
+#: What a head's metadata may set for a request (vLLM owns the length and the stop ids).
+HEAD_DEFAULTS = ("cost_of_time", "patience", "exit_tokens", "thinking_budget")
+
+
+def head_defaults(head: Any) -> dict[str, Any]:
+    """The exit settings a trained head carries that apply to vLLM requests.
+
+    Args:
+        head: a :class:`~haltkit.MarginalValueHead` (``haltkit.load_value_head``'s result).
+
+    Returns:
+        The subset of ``head.exit_defaults()`` named in :data:`HEAD_DEFAULTS` (empty for a bare head).
+    """
+    return {k: v for k, v in head.exit_defaults().items() if k in HEAD_DEFAULTS}
 
 
 def _v2_runner_expected() -> bool:

@@ -38,8 +38,8 @@ from ..backends import backend_module, resolve_backend
 from ..params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from ..reference.termination import PLAN_WORDS
 from ..state import DecodeState, Reason
-from ..value_head import MarginalValueHead
-from . import CONFIG_KEY, exit_policy_from_args
+from ..value_head import load_value_head
+from . import CONFIG_KEY, exit_policy_from_args, head_defaults
 from .report import install_report_hooks, register, report_of_row
 
 __all__ = ["ValueExitLogitsProcessor", "install_hidden_state_capture", "request_policy", "engine_settings", "admit"]
@@ -125,13 +125,16 @@ def _stop_ids(params: VllmSamplingParams) -> tuple[int, ...]:
     return tuple(ids + [t for t in params.stop_token_ids or () if t not in ids])
 
 
-def request_policy(params: VllmSamplingParams) -> ExitPolicy | None:
-    """The request's ExitPolicy from its extra_args (None without haltkit parameters).
+def request_policy(params: VllmSamplingParams, defaults: dict | None = None) -> ExitPolicy | None:
+    """The request's ExitPolicy from its extra_args (None without haltkit parameters), with the
+    engine's head defaults (:func:`haltkit.vllm.head_defaults`) under the request's own values.
 
     Raises:
         ValueError: ExitPolicy's error, or a request that could need to finish on an exit but
             has nothing vLLM stops on.
     """
+    # Checked as the front end checks it, without the head: the defaults hold only values a head
+    # file validated, so a request admitted there cannot raise here in the engine.
     policy = exit_policy_from_args(params.extra_args, params.max_tokens, _stop_ids(params))
     can_stop_on_exit = policy is not None and (
         policy.cost_of_time is not None or policy.thinking_budget is not None
@@ -141,6 +144,8 @@ def request_policy(params: VllmSamplingParams) -> ExitPolicy | None:
             "a request with ignore_eos and no stop_token_ids cannot finish on a value or budget "
             "exit: give it exit_tokens, stop_token_ids, or drop ignore_eos"
         )
+    if policy is not None and defaults:
+        policy = exit_policy_from_args(params.extra_args, params.max_tokens, _stop_ids(params), defaults)
     return policy
 
 
@@ -148,28 +153,35 @@ def engine_settings(vllm_config, device: torch.device):
     """The engine-wide settings of ``additional_config["haltkit"]``, loaded for ``device``.
 
     Returns:
-        (exit_rules, head, vocab_size): the ``exit_rules`` function of the chosen backend, the
-        head's weights (None without a head) and the model's vocabulary size.
+        (exit_rules, head, vocab_size, defaults): the ``exit_rules`` function of the chosen
+        backend, the head's weights (None without a head), the model's vocabulary size and the
+        exit settings the head's metadata gives requests (:func:`haltkit.vllm.head_defaults`).
 
     Raises:
-        ValueError: unknown settings, or a head whose d_model is not the model's hidden size.
+        ValueError: unknown settings, a head that train-head's quality gate marked unfit, or a
+            head whose d_model or vocabulary is not the model's.
     """
     cfg = dict((vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
     unknown = set(cfg) - {"value_head", "backend"}
     if unknown:
         raise ValueError(f"additional_config[{CONFIG_KEY!r}]: unknown settings {sorted(unknown)}")
     exit_rules = backend_module(resolve_backend(cfg.get("backend", "auto"), device, "exit_rules")).exit_rules
-    head = None
+    head, defaults = None, {}
+    vocab = vllm_config.model_config.get_vocab_size()
     if cfg.get("value_head"):
-        loaded = MarginalValueHead.load(cfg["value_head"], device=device)
+        loaded = load_value_head(cfg["value_head"], device=device)
         d = vllm_config.model_config.get_hidden_size()
         if loaded.d_model != d:
             raise ValueError(
                 f"value head {cfg['value_head']} reads d_model={loaded.d_model} but the model's "
                 f"hidden size is {d}"
             )
-        head = loaded.weights()
-    return exit_rules, head, vllm_config.model_config.get_vocab_size()
+        trained_for = ((loaded.meta or {}).get("model") or {}).get("vocab_size")
+        if trained_for is not None and trained_for != vocab:
+            raise ValueError(f"value head {cfg['value_head']} was trained for a vocabulary of "
+                             f"{trained_for} tokens; this model has {vocab}")
+        head, defaults = loaded.weights(), head_defaults(loaded)
+    return exit_rules, head, vocab, defaults
 
 
 def admit(policy: ExitPolicy, vocab_size: int, head) -> tuple[ExitPolicy, Reason]:
@@ -252,7 +264,7 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self.device = torch.device(device)
         self.pin = is_pin_memory
-        self.exit_rules, self.head, self.vocab_size = engine_settings(vllm_config, self.device)
+        self.exit_rules, self.head, self.vocab_size, self.defaults = engine_settings(vllm_config, self.device)
         M = vllm_config.scheduler_config.max_num_seqs
         # Slot storage: the requests' parameters, the committed state, and the plan of the
         # latest apply() awaiting its token (committed by exit_rules on the next apply()).
@@ -344,7 +356,7 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
         if i in fresh:
             self._start(fresh)
         self._park(i)
-        policy = request_policy(params)  # validated at admission; cannot raise here
+        policy = request_policy(params, self.defaults)  # validated at admission; cannot raise here
         if policy is None:
             return
         policy, finish = admit(policy, self.vocab_size, self.head)

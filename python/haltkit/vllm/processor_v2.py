@@ -71,7 +71,7 @@ class ValueExitLogitsProcessorV2(LogitsProcessor):
     def __init__(self, vllm_config, req_states: LogitsProcRequestState) -> None:
         self.rs = req_states
         self.device = torch.device(req_states.device)
-        self.exit_rules, self.head, self.vocab_size = engine_settings(vllm_config, self.device)
+        self.exit_rules, self.head, self.vocab_size, self.defaults = engine_settings(vllm_config, self.device)
         spec = getattr(vllm_config, "speculative_config", None)
         #: rows a request may own in one step: 1 + the number of drafted tokens
         self.depth = 1 + (int(spec.num_speculative_tokens or 0) if spec is not None else 0)
@@ -152,7 +152,7 @@ class ValueExitLogitsProcessorV2(LogitsProcessor):
             if old is not None and self.params[old] is sampling_params:
                 self._park(old)
         self._sweep_parked()
-        policy = request_policy(sampling_params)  # validated at admission; cannot raise here
+        policy = request_policy(sampling_params, self.defaults)  # validated at admission; cannot raise here
         if policy is None:
             self.staged[req_idx] = ("off",)
             return False
