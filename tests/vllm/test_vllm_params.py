@@ -125,14 +125,18 @@ def test_a_trained_heads_settings_fill_what_a_request_leaves_out(tmp_path):
     _head_with_meta(tmp_path / "h.safetensors")
     _, head, vocab, defaults = engine_settings(_vllm_config(tmp_path / "h.safetensors"), torch.device("cpu"))
     assert head is not None and vocab == 100
-    assert defaults == {"cost_of_time": 0.02, "patience": 4, "exit_tokens": (7, 8), "thinking_budget": 40}
-    # One haltkit parameter opts a request in; the head fills the rest, vLLM keeps length and stops.
-    pol = request_policy(VllmSamplingParams(max_tokens=64, extra_args={"patience": 2}), defaults)
-    assert pol == ExitPolicy(cost_of_time=0.02, patience=2, max_new_tokens=64, thinking_budget=40,
-                             exit_tokens=(7, 8))
+    assert defaults == {"patience": 4, "exit_tokens": (7, 8), "thinking_budget": 40}
+    # A request that asks for value exits gets the head's settings under its own values; vLLM
+    # keeps the length and the stop ids.
     pol = request_policy(VllmSamplingParams(max_tokens=64, extra_args={"cost_of_time": 0.5}), defaults)
-    assert (pol.cost_of_time, pol.patience) == (0.5, 4)
-    # Without any haltkit parameter a request stays plain vLLM, whatever the head says.
+    assert pol == ExitPolicy(cost_of_time=0.5, patience=4, max_new_tokens=64, thinking_budget=40,
+                             exit_tokens=(7, 8))
+    pol = request_policy(VllmSamplingParams(max_tokens=64, extra_args={"cost_of_time": 0.5, "patience": 2,
+                                                                       "exit_tokens": [9]}), defaults)
+    assert (pol.patience, pol.exit_tokens, pol.thinking_budget) == (2, (9,), 40)
+    # Without cost_of_time a request does not use the head: a budget alone stays a budget alone.
+    pol = request_policy(VllmSamplingParams(max_tokens=64, extra_args={"thinking_budget": 20}), defaults)
+    assert pol == ExitPolicy(max_new_tokens=64, thinking_budget=20)
     assert request_policy(VllmSamplingParams(max_tokens=64), defaults) is None
 
 

@@ -85,8 +85,8 @@ def exit_policy_from_args(
             thinking budget); None means unknown yet.
         eos_token_ids: the ids vLLM stops the request on.
         defaults: the engine's value head's exit settings (:func:`head_defaults`), which fill the
-            parameters a request leaves out; a request without any haltkit parameter stays plain
-            vLLM whatever the head says.
+            parameters a request that asks for value exits (gives ``cost_of_time``) leaves out.
+            A request without ``cost_of_time`` does not use the head, so they leave it alone.
 
     Returns:
         The validated policy, or None.
@@ -115,13 +115,15 @@ def exit_policy_from_args(
         return None
     if "exit_tokens" in given and isinstance(given["exit_tokens"], int):
         given["exit_tokens"] = (given["exit_tokens"],)  # vllm_xargs may carry a lone int
-    given = {**(defaults or {}), **given}
+    if "cost_of_time" in given:
+        given = {**(defaults or {}), **given}
     return ExitPolicy(**given, max_new_tokens=_I32 if max_tokens is None else max_tokens,
                       eos_token_ids=tuple(eos_token_ids))
 
 
-#: What a head's metadata may set for a request (vLLM owns the length and the stop ids).
-HEAD_DEFAULTS = ("cost_of_time", "patience", "exit_tokens", "thinking_budget")
+#: What a head's metadata sets for a request that asks for value exits. Not the price of time:
+#: a request opts into value exits by naming its own. vLLM owns the length and the stop ids.
+HEAD_DEFAULTS = ("patience", "exit_tokens", "thinking_budget")
 
 
 def head_defaults(head: Any) -> dict[str, Any]:
