@@ -312,3 +312,24 @@ def test_shipped_head_carries_its_conventions_and_operating_point(toy):
     # Every entry point takes the patience from the head: toy.exit_policy too.
     assert toy.exit_policy(cost_of_time=0.01).patience == op["patience"] == toy.head.exit_policy().patience
     toy.head.check_compatible(toy.target, toy.tokenizer)  # the char tokenizer is the vocabulary it was made for
+
+
+def test_greedy_answers_stop_each_row_at_its_first_eos():
+    from haltkit.train.rollouts import greedy_answers
+
+    # Row 0 emits 5, 1 (EOS), row 1 emits 5, 6, 7 up to max_answer; the step function sees what was drawn.
+    script = [torch.tensor([5, 5]), torch.tensor([1, 6]), torch.tensor([4, 7])]
+    fed = []
+
+    def logits_for(toks):
+        return torch.nn.functional.one_hot(toks, 10).float() * 9.0
+
+    def step(nxt):
+        fed.append(nxt.tolist())
+        return logits_for(script[len(fed)])
+
+    out, logp, count = greedy_answers(logits_for(script[0]), step, 3, torch.tensor([1]))
+    assert out.tolist() == [[5, 1, -1], [5, 6, 7]]
+    assert count.tolist() == [2, 3] and fed == [[5, 5], [1, 6]]
+    per_step = [torch.log_softmax(logits_for(t), -1).gather(1, t[:, None])[:, 0] for t in script]
+    assert torch.allclose(logp, torch.stack([per_step[0][0] + per_step[1][0], sum(p[1] for p in per_step)]))

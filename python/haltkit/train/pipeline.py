@@ -28,7 +28,7 @@ from ..params import ExitPolicy, SamplingParams
 from ..runner import ModelRunner, RaggedKVCache, logits_and_hidden
 from ..tasks import extract_answer
 from .conventions import Conventions, model_identity, tokenizer_fingerprint
-from .rollouts import Rollout, _save_shard, load_rollouts
+from .rollouts import Rollout, _save_shard, greedy_answers, load_rollouts
 
 __all__ = ["RolloutConfig", "rollout_batch", "answer_of", "collect", "manifest_key", "weights_hash", "ManifestMismatch"]
 
@@ -136,24 +136,14 @@ def _probe(model, base: ModelRunner, conv: Conventions, rows: torch.Tensor, cut:
     logits, _ = runner.step(logits_and_hidden, exit_ids, cut, int(cut.max()) + E)
     logits = logits[:, -1].float()
     pos = cut + E
-    eos = torch.tensor(conv.eos_ids, device=dev)
-    out = torch.full((N, max_answer), -1, dtype=torch.int64, device=dev)
-    logp = torch.zeros(N, device=dev)
-    count = torch.zeros(N, dtype=torch.int64, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
-    for j in range(max_answer):
-        lp = torch.log_softmax(logits, -1)
-        nxt = lp.argmax(-1)
-        live = ~done
-        out[:, j] = torch.where(live, nxt, -1)
-        logp += torch.where(live, lp.gather(1, nxt[:, None])[:, 0], 0.0)
-        count += live.long()
-        done |= torch.isin(nxt, eos)
-        if bool(done.all()) or j == max_answer - 1:
-            break
+
+    def step(nxt: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
         logits, _ = runner.step(logits_and_hidden, nxt[:, None], pos, int(pos.max()) + 1)
-        logits = logits[:, -1].float()
         pos = pos + 1
+        return logits[:, -1].float()
+
+    out, logp, count = greedy_answers(logits, step, max_answer, torch.tensor(conv.eos_ids))
     answers = [[t for t in row if t >= 0] for row in out.tolist()]
     return answers, torch.exp(logp / count.clamp(min=1)).cpu(), (count + E).cpu()
 

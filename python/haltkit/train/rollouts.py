@@ -186,28 +186,51 @@ def forced_answers(
         mask = torch.cat([mask, torch.ones(N, len(exit_ids), dtype=torch.long)], 1)
         pos = (P + ts)[:, None] + torch.arange(len(exit_ids))[None]
         logits, _ = model_step(model, exit_ids.expand(N, -1), mask, pos, cache)
-        out = torch.full((N, max_answer), -1, dtype=torch.long)
-        logp = torch.zeros(N)
-        count = torch.zeros(N, dtype=torch.long)
-        done = torch.zeros(N, dtype=torch.bool)
-        for j in range(max_answer):
-            lp = torch.log_softmax(logits, -1)
-            nxt = lp.argmax(-1)
-            live = ~done
-            out[:, j] = torch.where(live, nxt, -1)
-            logp += torch.where(live, lp.gather(1, nxt[:, None])[:, 0], 0.0)
-            count += live.long()
-            done |= nxt == tok.eos_id
-            if bool(done.all()) or j == max_answer - 1:
-                break
+
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            nonlocal mask, pos
             mask = torch.cat([mask, torch.ones(N, 1, dtype=torch.long)], 1)
             pos = pos[:, -1:] + 1
-            logits, _ = model_step(model, nxt[:, None], mask, pos, cache)
+            return model_step(model, nxt[:, None], mask, pos, cache)[0]
+
+        out, logp, count = greedy_answers(logits, step, max_answer, torch.tensor([tok.eos_id]))
         for i in range(N):
             texts.append(parse_answer(tok.decode([t for t in out[i].tolist() if t >= 0])))
         confs.append(torch.exp(logp / count.clamp(min=1)))
         probes.append(count + len(exit_ids))
     return texts, torch.cat(confs), torch.cat(probes)
+
+
+def greedy_answers(logits: torch.Tensor, step, max_answer: int, eos: torch.Tensor):
+    """Greedy continuation of N forced answers, each ending at its first EOS or ``max_answer`` tokens.
+
+    Args:
+        logits: [N, V] the next-token logits after the exit tokens.
+        step: called with the [N] int64 tokens just chosen; feeds them and returns the next [N, V] logits.
+        max_answer: most answer tokens per row.
+        eos: [E] int64 ids that end a row's answer (the EOS token itself is kept).
+
+    Returns:
+        (tokens [N, max_answer] int64, -1 past a row's end; log-prob sum [N] float32; answer lengths [N] int64).
+    """
+    N, dev = logits.shape[0], logits.device
+    eos = eos.to(dev)
+    out = torch.full((N, max_answer), -1, dtype=torch.int64, device=dev)
+    logp = torch.zeros(N, device=dev)
+    count = torch.zeros(N, dtype=torch.int64, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    for j in range(max_answer):
+        lp = torch.log_softmax(logits, -1)
+        nxt = lp.argmax(-1)
+        live = ~done
+        out[:, j] = torch.where(live, nxt, -1)
+        logp += torch.where(live, lp.gather(1, nxt[:, None])[:, 0], 0.0)
+        count += live.long()
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()) or j == max_answer - 1:
+            break
+        logits = step(nxt)
+    return out, logp, count
 
 
 def rollout_batch(model, tok: CharTokenizer, task, problems: list[Problem], every: int, max_think: int) -> list[Rollout]:
