@@ -653,39 +653,73 @@ Candidates& candidates() {
   return c;
 }
 
-// Row check, max and chunk maxima (into s.vals, one per chunk of kChunk tokens) in one pass.
+// exp(d) for d <= 0, for the top-p total only: 2^t for t = d log2 e as 2^n times a degree-5
+// polynomial in f = t - n on [-1/2, 1/2] (exp16_mass's coefficients with the constant term 1, so
+// exp(0) is exactly 1 and the max's own term is exact), t clamped at -126 (the row's total is at
+// least 1, and the clamp adds under V * 2^-126). Within 3e-7 relative of exp; about half of
+// exp_f's operations, which is the top-p pass's cost.
+inline float exp_total(float d) {
+  float t = d * kLog2e;
+  t = t < -126.0f ? -126.0f : t;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: t + shifter rounds t to an integer
+  const float ts = t + shifter;
+  const float nf = ts - shifter;
+  const int32_t n = static_cast<int32_t>(float_bits(ts) - float_bits(shifter));
+  const float f = t - nf;
+  float p = 1.32764e-3f;
+  p = p * f + 9.67551e-3f;
+  p = p * f + 5.550713e-2f;
+  p = p * f + 0.2402212f;
+  p = p * f + 0.69314697f;
+  p = p * f + 1.0f;
+  return p * bits_float(static_cast<uint32_t>(n + 127) << 23);
+}
+
+// Row check, max and chunk maxima (into s.vals, one per chunk of kChunk tokens) in one pass; with
+// `total`, also the row's softmax mass at temperature t, sum_i exp((x_i - max) / t), by the
+// online softmax: each chunk's exps are taken against the running max m (x_i - m <= 0, so every
+// term is at most 1) and the sum is rescaled by exp((m_old - m_new) / t) when m grows. The terms
+// use exp_f, as every kept-set decision does (a row whose max comes first gets the very terms
+// of the two-pass sum); the rescale is taken in double from exact float differences, so rows
+// whose max grows in every chunk (sorted logits) do not accumulate its rounding. A term's
+// argument (x_i - m) / t rounds no worse than the reference's z = (x_i - max) / t, since
+// |x_i - m| <= |x_i - max|: the total is within a few float ulps of the two-pass sum.
 template <int DT>
-RowScan scan_chunks(const void* row, int64_t V, Scratch& s) {
+RowScan scan_chunks(const void* row, int64_t V, Scratch& s, float t = 1.0f, double* total = nullptr) {
   const int64_t chunks = (V + kChunk - 1) / kChunk;
   s.vals.resize(static_cast<size_t>(chunks));
+  const double inv_t = 1.0 / static_cast<double>(t);
+  const float inv_tf = 1.0f / t;  // a multiply, not the reference's division: within an ulp of its z
   float m = -kInf;
+  double sum = 0.0;
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t base = c * kChunk, n = std::min(kChunk, V - base);
     float cm = -kInf;
 #pragma omp simd reduction(max : cm)
     for (int64_t j = 0; j < n; ++j) cm = checked_max(cm, ld<DT>(row, base + j));
     s.vals[static_cast<size_t>(c)] = cm;
-    m = checked_max(m, cm);
-  }
-  return RowScan{m, max_is_bad(m)};
-}
-
-// The sum of exp(z) over the whole row, in the order top_p_by_radix sums it (per chunk in double).
-template <int DT>
-double row_total(const void* row, int64_t V, float m, float t) {
-  double total = 0.0;
-  for (int64_t base = 0; base < V; base += kChunk) {
-    const int64_t n = std::min(kChunk, V - base);
-    // z, then the exps, in float vectors: a loop that also widens to double does not vectorise them.
+    if (total == nullptr) {
+      m = checked_max(m, cm);
+      continue;
+    }
+    if (cm > m) {
+      // The sum so far was taken against m: rescale it to cm (m = -inf: nothing summed yet).
+      if (m > -kInf) sum *= std::exp((static_cast<double>(m) - static_cast<double>(cm)) * inv_t);
+      m = cm;
+    }
+    if (max_is_bad(m)) continue;  // nothing finite yet, or a bad row (its total is never used)
+    // The exps in float vectors, summed in double as the two-pass sum did (a loop that also
+    // widens to double does not vectorise them).
     float e[kChunk];
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) e[j] = exp_f((ld<DT>(row, base + j) - m) / t);
+    for (int64_t j = 0; j < n; ++j) e[j] = exp_total((ld<DT>(row, base + j) - m) * inv_tf);
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < n; ++j) acc += static_cast<double>(e[j]);
-    total += acc;
+    sum += acc;
   }
-  return total;
+  if (total != nullptr) *total = sum;
+  return RowScan{m, max_is_bad(m)};
 }
 
 // The candidates z >= bound, in index order, from the chunks whose maximum reaches the bound.
@@ -729,6 +763,11 @@ inline float top_p_over_sorted(const std::vector<float>& vals, size_t n, float t
   return -kInf;
 }
 
+// Whether direct_row takes top-k from the chunk-maximum bound (k well below the number of chunks).
+inline bool direct_small_k(const Filter& f, int64_t V) {
+  return f.top_k_on && f.top_k * 4 <= (V + kChunk - 1) / kChunk;
+}
+
 struct DirectRow {
   bool ok;     // false: take the general path
   float tau;   // the kept set is z >= tau
@@ -738,11 +777,10 @@ struct DirectRow {
 // Steps 3 and 4 of a filtered row from its logits, as kept_threshold and mass_and_draw define
 // them (see the section comment); ok = false when the row is not one this path serves.
 template <int DT>
-DirectRow direct_row(const void* row, int64_t V, float m, float t, const Filter& f, bool draw, uint64_t seed,
-                     uint32_t step, Scratch& s) {
+DirectRow direct_row(const void* row, int64_t V, float m, float t, double row_mass, const Filter& f, bool draw,
+                     uint64_t seed, uint32_t step, Scratch& s) {
   DirectRow out{false, -kInf, Draw{-1, 0.0}};
-  const int64_t chunks = static_cast<int64_t>(s.vals.size());
-  const bool small_k = f.top_k_on && f.top_k * 4 <= chunks;
+  const bool small_k = direct_small_k(f, V);
   if (f.top_k_on && !small_k) return out;
   Candidates& c = candidates();
   float bound;
@@ -754,7 +792,7 @@ DirectRow direct_row(const void* row, int64_t V, float m, float t, const Filter&
     bound = (sorted[static_cast<size_t>(f.top_k - 1)] - m) / t;
     if (!gather_candidates<DT>(row, V, m, t, bound, s, c)) return out;
   } else {
-    total = row_total<DT>(row, V, m, t);
+    total = row_mass;
     const float target = top_p_target(total, f.top_p);
     // The pivot: the largest chunk maximum v whose chunk maxima at or above it already hold the
     // target mass. The tokens with z >= v hold at least as much, so tau_p >= v (lowered by 1e-3
@@ -839,8 +877,15 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
   if (scanned != nullptr) {
     g = *scanned;
   } else if (!pos.force_bad) {
-    g = greedy ? greedy_scan<DT>(row, V)
-               : GreedyScan{direct ? scan_chunks<DT>(row, V, scr) : scan_row<DT>(row, V), -1, 0.0};
+    if (greedy) {
+      g = greedy_scan<DT>(row, V);
+    } else if (direct) {
+      // The top-p total over the whole row (top-p without a small top-k) comes from the same pass.
+      const bool whole_row_top_p = f.top_p_on && !direct_small_k(f, V);
+      g.scan = scan_chunks<DT>(row, V, scr, row_temperature(r), whole_row_top_p ? &g.mass : nullptr);
+    } else {
+      g.scan = scan_row<DT>(row, V);
+    }
   }
   const StepPlan p = plan_step(r, s, g.scan.bad, value);
 
@@ -854,7 +899,7 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
     const uint32_t step0 = static_cast<uint32_t>(s.num_generated);
     if (direct) {
       const float t = row_temperature(r);
-      const DirectRow dr = direct_row<DT>(row, V, g.scan.max, t, f, p.draw, r.seed, step0, scr);
+      const DirectRow dr = direct_row<DT>(row, V, g.scan.max, t, g.mass, f, p.draw, r.seed, step0, scr);
       if (dr.ok) {
         token = p.forcing ? p.forced_token : dr.d.token;
         const float zt = (ld<DT>(row, token) - g.scan.max) / t;

@@ -220,6 +220,29 @@ def test_filter_thresholds_keep_ties_and_stop_where_the_mass_reaches_top_p_exact
         torch.testing.assert_close(got.logprobs.cpu(), want.float(), rtol=1e-5, atol=1e-5, msg=what)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_total_counts_every_chunk_wherever_the_row_max_lies(backend):
+    # The top-p total comes from the pass that finds the max (online softmax: rescaled whenever
+    # the running max grows). Rows whose max comes last (a ramp), first, or grows in every chunk
+    # of 64 tokens (a sawtooth): a total that missed a rescale or a chunk would move tau_p, hence
+    # the kept set and its mass, hence every log-prob (and many tokens).
+    dev = _device(backend)
+    V, B = 64 * 40, 32
+    ramp = torch.linspace(-12.0, 3.0, V)
+    saw = (torch.arange(V) % 64).float() * -0.2 + (torch.arange(V) // 64).float() * 0.3
+    gen = torch.Generator().manual_seed(5)
+    rows = {"max last": ramp, "max first": ramp.flip(0), "max grows every chunk": saw,
+            "normal": torch.randn(V, generator=gen) * 3.0}
+    for what, x in rows.items():
+        for filt in (dict(temperature=0.7, top_p=0.6), dict(temperature=1.3, top_p=0.95, min_p=1e-4)):
+            req = pack_requests([SamplingParams(seed=s, **filt) for s in range(B)], ExitPolicy(), V)
+            logits = x.expand(B, V).contiguous()
+            ref = reference_step(logits, None, req, DecodeState.new(B), None)
+            got = haltkit.decode_step(logits.to(dev), None, req.to(dev), DecodeState.new(B, dev), backend=backend)
+            assert got.tokens.tolist() == ref.tokens.tolist(), (what, filt)
+            torch.testing.assert_close(got.logprobs.cpu(), ref.logprobs, rtol=1e-5, atol=1e-5, msg=(what, filt))
+
+
 # --- outputs and state ---------------------------------------------------------------------------
 
 
