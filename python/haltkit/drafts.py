@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 
@@ -84,22 +85,32 @@ class DraftLengthPolicy:
     in the call (a source built with ``adaptive="cost"`` owns one per ``generate`` call).
 
     The cost model. ``T(w)`` is the wall time of one step of width ``w`` (``w`` drafted tokens per
-    row; ``w = 0`` is a plain decode step with no draft work), measured host sync to host sync, so
+    row; ``w = 0`` is a plain decode step with no draft work), measured host sync to host sync (the
+    median of the width's last 5 steps), so
     it holds the draft's own cost, the wider verification forward and the bookkeeping; compile
-    time is left out. An unmeasured width is interpolated linearly between measured ones, and past
-    the widest measured one it is taken as that one's cost (optimism, so that a width that might
-    pay is tried once). Each sequence keeps an estimate ``a_b`` of the chance that a drafted
-    token is accepted (accepted and rejected counts decayed by 0.8 a step, prior 0.3 of weight
-    2): a draft of ``w`` tokens then yields ``E_b(w) = 1 + a_b + ... + a_b^w`` tokens a step. Every
-    row pays the step, so the batch drafts at ``w* = argmax_w sum_b E_b(w) / T(w)``, a width
-    above 0 only when it beats the plain step by 5% (20% while its cost is unmeasured). A
-    sequence drafts ``w*`` tokens when its own best width is positive, else none; when no
-    sequence drafts, the step is a plain decode step.
+    time is left out. ``T(w) - T(0)`` is what drafting costs: the draft's forwards plus the extra
+    verified positions. An unmeasured width between measured ones is interpolated linearly; past
+    the widest measured one ``wm`` it is extrapolated with the measured cost per drafted token
+    ``(T(wm) - T(0)) / wm`` (draft plus verification, per token), before any drafting step is
+    measured with a prior: 0.25 of a plain step per token for a model draft, 0.05 for prompt
+    lookup (verification only). Each sequence keeps an estimate
+    ``a_b`` of the chance that a drafted token is accepted (accepted and rejected counts decayed by
+    0.9 per observation, prior 0.3 of weight 2, so that a row that never passes settles at 0.05):
+    a draft of ``w`` tokens then yields
+    ``E_b(w) = 1 + a_b + ... + a_b^w`` tokens a step. Every row pays the step, so the batch drafts
+    at ``w* = argmax_w sum_b E_b(w) / T(w)``, a width above 0 only when it beats the plain step by
+    10% (the clock of a busy machine is that noisy). A sequence drafts ``w*`` tokens when its own best width
+    is positive, else none; when no sequence drafts, the step is a plain decode step.
 
-    While it does not draft, a sequence's estimate comes from "shadow" drafts where drafting is
-    cheap (prompt lookup: the would-be first draft token is checked against the emitted one), and
-    otherwise from probes: a width-1 step after ``g`` idle steps, ``g`` sized so that probes cost
-    at most 2% of the plain steps, doubled after every failed probe.
+    Backing off costs nothing. Sources whose drafts cost a forward (``shadow=False``) learn only
+    by drafting: once a step is plain and nothing new was observed, the next length is decided on
+    the host alone (no device work, no sync) and stays 0 until a probe is due: a width-1 step
+    (K when compiled) of every running row after ``gap * g`` plain steps, ``g`` sized so that
+    probes cost at most 2% of the plain steps' time (from the probe's measured cost; 0.25 of a
+    plain step before one is measured), ``gap`` doubling (up to 64) after every probe that does
+    not turn drafting on and reset to 1 when drafting pays. Sources that draft cheaply
+    (``shadow=True``, prompt lookup) are checked at every plain step instead: the would-be first
+    draft token against the emitted one, so a row starts drafting as soon as it starts copying.
 
     Args:
         max_len: K, the longest draft.
@@ -109,25 +120,39 @@ class DraftLengthPolicy:
         shadow: the source's drafts are cheap enough to propose at every plain step.
     """
 
-    PRIOR, PRIOR_WEIGHT, DECAY = 0.3, 2.0, 0.8
-    MARGIN, EXPLORE_MARGIN, PROBE_BUDGET, WARMUP = 1.05, 1.2, 0.02, 3
+    PRIOR, PRIOR_WEIGHT, DECAY = 0.3, 2.0, 0.9
+    MARGIN, EXPLORE_MARGIN, WARMUP = 1.1, 1.1, 3
+    PROBE_BUDGET, PROBE_PRIOR, SHADOW_TOKEN_PRIOR, MAX_GAP, MIN_GAP = 0.02, 0.25, 0.05, 64, 4
 
     def __init__(self, max_len: int, batch: int, device: torch.device, compile: bool, shadow: bool) -> None:
         self.K, self.shadow = max_len, shadow
+        # A drafted token's cost in plain steps, before any is measured: a model draft's forward
+        # (the probe's prior), or only its verification for a source that drafts for free.
+        self.token_prior = self.SHADOW_TOKEN_PRIOR if shadow else self.PROBE_PRIOR
         self.widths = [0, max_len] if compile else list(range(max_len + 1))
         self.T: dict[int, float] = {}  # measured seconds per step, by width
+        self._samples: dict[int, list[float]] = {}
         self._last: tuple[int, float, float] | None = None
         self._compile = compile
         z = dict(dtype=torch.float32, device=device)
         self.accepted = torch.zeros(batch, **z)  # decayed counts of accepted / rejected draft tokens
         self.rejected = torch.zeros(batch, **z)
         self.seen = torch.zeros(batch, **z)  # observations so far (shadow warm-up)
-        self.idle = torch.zeros(batch, dtype=torch.int64, device=device)  # steps since the row last drafted
-        self.gap = torch.ones(batch, dtype=torch.int64, device=device)  # probe gap, in units of the base gap
+        self._ws = torch.tensor(self.widths, dtype=torch.int64, device=device)
+        self._pow = torch.arange(max_len + 1, dtype=torch.float32, device=device)
+        self._zeros = torch.zeros(batch, dtype=torch.int64, device=device)
+        # Host-side back-off state (read and written without touching the device).
+        self.width: int | None = None  # width of the step under way (set by tick)
+        self.plain = 0  # plain steps since the last probe or drafting step
+        self.gap = 1  # probe gap, in units of the base gap
+        self.probes = 0  # probes issued so far
+        self.full = 0  # decisions taken on the device (the rest were host-only)
+        self._fresh = False  # observations since the last decision on the device
+        self._probe = 0  # 1: a probe was issued, 2: it runs (its outcome shows at the next tick)
 
     def select_rows(self, idx: torch.Tensor) -> None:
         """Follow the engine's compaction: keep rows ``idx`` ([n] int64), in that order."""
-        for name in ("accepted", "rejected", "seen", "idle", "gap"):
+        for name in ("accepted", "rejected", "seen", "_zeros"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def tick(self, width: int) -> None:
@@ -137,9 +162,25 @@ class DraftLengthPolicy:
         comp = _compile_seconds() if self._compile else 0.0
         if self._last is not None:
             w, t0, c0 = self._last
-            dt = now - t0 - (comp - c0)
-            self.T[w] = dt if w not in self.T else 0.7 * self.T[w] + 0.3 * dt
+            # The median of the width's last 5 steps: one slow step (a first call's set-up, a busy
+            # core) must not make a width look cheap or dear for long.
+            recent = self._samples.setdefault(w, [])
+            recent.append(now - t0 - (comp - c0))
+            del recent[:-5]
+            self.T[w] = statistics.median(recent)
         self._last = (width, now, comp)
+        self.width = width
+        if self._probe == 2:  # the probe's outcome: drafting turned on, or another wait, twice as long
+            self.gap = 1 if width > 0 else min(2 * self.gap, self.MAX_GAP)
+            self._probe = 0
+        elif self._probe == 1:
+            self._probe = 2
+        if width == 0:
+            self.plain += 1
+        else:
+            self.plain = 0
+            if self._probe == 0:  # drafting that pays: a later back-off probes soon again
+                self.gap = 1
 
     def cost(self, w: int) -> tuple[float, bool]:
         """(T(w) in seconds, or relative to a unit plain step before any is measured; measured?)."""
@@ -151,54 +192,66 @@ class DraftLengthPolicy:
         if below and above:
             lo, hi = below[-1], above[0]
             return self.T[lo] + (self.T[hi] - self.T[lo]) * (w - lo) / (hi - lo), False
+        if below and 0 in self.T:  # the measured cost per drafted token, extrapolated (else its prior)
+            wm = below[-1]
+            per_token = max(self.T[wm] - self.T[0], 0.0) / wm if wm > 0 else self.T[0] * self.token_prior
+            return self.T[0] + per_token * w, False
         if below:
             return self.T[below[-1]], False
         if above:
             return self.T[above[0]], False
         return 1.0, False
 
+    def base_gap(self) -> int:
+        """Plain steps between probes (before doubling): a probe's extra cost over the budget."""
+        w1 = self.widths[1]
+        extra = self.cost(w1)[0] / self.T[0] - 1.0 if w1 in self.T and 0 in self.T else self.PROBE_PRIOR
+        return max(self.MIN_GAP, math.ceil(extra / self.PROBE_BUDGET))
+
     def observe(self, drafted: torch.Tensor, accepted: torch.Tensor) -> None:
         """A step's outcome per row: ``drafted`` [P] drafted tokens offered (0: no observation),
-        ``accepted`` [P] of them accepted (a run from the first)."""
-        d, a = drafted.to(torch.float32), accepted.to(torch.float32)
-        on = d > 0
-        self.accepted = torch.where(on, self.DECAY * self.accepted + a, self.accepted)
-        self.rejected = torch.where(on, self.DECAY * self.rejected + (a < d).to(torch.float32), self.rejected)
-        self.seen += on.to(torch.float32)
-        # A probe that failed waits twice as long for the next one; an accepted draft resets the wait.
-        self.gap = torch.where(on & (a < d), (self.gap * 2).clamp(max=64), torch.where(on, 1, self.gap))
+        ``accepted`` [P] of them accepted (a run from the first; 0 where nothing was drafted)."""
+        on = drafted > 0
+        a = accepted.to(torch.float32)
+        f = torch.where(on, self.DECAY, 1.0)
+        self.accepted = self.accepted * f + a
+        self.rejected = self.rejected * f + (a < drafted).to(torch.float32)
+        self.seen += on
+        self._fresh = True
 
-    def lengths(self, running: torch.Tensor) -> torch.Tensor:
+    def lengths(self, finished: torch.Tensor) -> torch.Tensor:
         """[P] int64 draft lengths for the next step (0: do not draft), on the device; the batch's
-        width is their maximum. ``running``: [P] bool, the rows still decoding."""
-        dev = running.device
-        acc = (self.accepted + self.PRIOR * self.PRIOR_WEIGHT) / (self.accepted + self.rejected + self.PRIOR_WEIGHT)
-        ws = torch.tensor(self.widths, dtype=torch.float32, device=dev)
-        gain = (acc[:, None] ** torch.arange(self.K + 1, device=dev)[None, :]).cumsum(1)[:, ws.long()]  # [P, n]
+        width is their maximum. ``finished``: [P] bool, the rows that stopped decoding.
+
+        Host-only (no device work) while a non-shadow source is backed off and no probe is due."""
         if 0 not in self.T:  # the plain step's cost first: every rate is relative to it
-            return torch.zeros_like(self.idle)
+            return self._zeros
+        if not self.shadow and not self._fresh and self.width == 0:
+            if self.plain < self.gap * self.base_gap():
+                return self._zeros
+            self._probe, self.probes, self.plain = 1, self.probes + 1, 0
+            return torch.where(finished, 0, self.widths[1])
+        self._fresh = False
+        self.full += 1
+        acc = (self.accepted + self.PRIOR * self.PRIOR_WEIGHT) / (self.accepted + self.rejected + self.PRIOR_WEIGHT)
+        gain = (acc[:, None] ** self._pow).cumsum(1)  # [P, K + 1]: E_b(w) for w = 0..K
+        if self._compile:
+            gain = gain.index_select(1, self._ws)
         costs = [self.cost(w) for w in self.widths]
-        base = costs[0][0]
-        margin = [1.0] + [self.MARGIN if known else self.EXPLORE_MARGIN for _, known in costs[1:]]
-        if not self.shadow:  # drafting is what tells whether drafts pass: explore one width at a time
-            widest = max(self.T)
-            margin = [m if w <= widest or i == 0 or self.widths[i - 1] in self.T else math.inf
-                      for i, (w, m) in enumerate(zip(self.widths, margin))]
-        rate = gain / torch.tensor([c * m for (c, _), m in zip(costs, margin)], device=dev)  # [P, n]
-        ready = running & (self.seen >= self.WARMUP) if self.shadow else running
-        best = torch.where(ready, rate.argmax(1), 0)  # each row's own best width (index)
-        total = (rate * ready[:, None].to(torch.float32)).sum(0)
-        w_star = ws[total.argmax()].long()
-        k = torch.where((best > 0) & (w_star > 0), w_star, 0)
-        if not self.shadow:
-            # Probes: a width-1 step (K when compiled) once a row has idled for its gap, the base
-            # gap sized so that probing costs at most PROBE_BUDGET of the plain steps.
-            w1 = self.widths[1]
-            base_gap = max(4, math.ceil((self.cost(w1)[0] / base - 1.0) / self.PROBE_BUDGET)) if 0 in self.T else 4
-            probe = running & (k == 0) & (self.idle >= self.gap * base_gap)
-            k = torch.where(probe, w1, k)
-        k = torch.where(running, k, 0)
-        self.idle = torch.where(k > 0, 0, self.idle + 1)
+        widest = max(self.T)
+        denom = []
+        for i, (w, (c, known)) in enumerate(zip(self.widths, costs)):
+            m = 1.0 if i == 0 else self.MARGIN if known else self.EXPLORE_MARGIN
+            # Drafting is what tells whether drafts pass: a non-shadow source explores one width at a time.
+            if not self.shadow and i > 0 and w > widest and self.widths[i - 1] not in self.T:
+                m = math.inf
+            denom.append(c * m)
+        rate = gain / torch.tensor(denom, dtype=torch.float32, device=gain.device)  # [P, n]
+        ready = ~finished
+        if self.shadow:
+            ready = ready & (self.seen >= self.WARMUP)
+        total = (rate * ready[:, None]).sum(0)
+        k = torch.where(ready & (rate.argmax(1) > 0), self._ws[total.argmax()], 0)
         return k
 
 
@@ -463,17 +516,21 @@ class PromptLookup:
         seq, L = ctx.seq, ctx.length
         P, W = seq.shape
         dev = seq.device
-        cont = torch.full((P,), -1, dtype=torch.int64, device=dev)  # where the copied run starts
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if W < n + 1:
-                continue
-            suffix = seq.gather(1, (L[:, None] - n + 1 + torch.arange(n, device=dev)).clamp(min=0))
-            starts = torch.arange(W - n + 1, device=dev)[None, :]
-            # A match must end before the suffix's last token, so that it is followed by a known one.
-            match = (seq.unfold(1, n, 1) == suffix[:, None, :]).all(-1) & (starts + n <= L[:, None])
-            match &= (L[:, None] + 1 >= n)
-            latest = torch.where(match, starts, -1).max(1).values
-            cont = torch.where((cont < 0) & (latest >= 0), latest + n, cont)
+        j = torch.arange(W, device=dev)
+        # back[:, i] = seq[L - i]: the row's last tokens, the pending one first.
+        back = seq.gather(1, (L[:, None] - torch.arange(self.max_ngram, device=dev)).clamp(min=0))
+        # e[b, j]: the last i + 1 tokens occur ending at j < L (so that a known token follows);
+        # count[b, j]: the longest such match (up to max_ngram). One pass per n-gram size, each
+        # a compare over the row: prompt lookup is checked at every plain step, so it must be cheap.
+        e = (seq == back[:, :1]) & (j < L[:, None])
+        count = e.to(torch.int64)
+        for i in range(1, min(self.max_ngram, W)):
+            e[:, i - 1] = False
+            e[:, i:] &= seq[:, : W - i] == back[:, i : i + 1]
+            count += e
+        # The longest match wins, then the latest: its continuation starts right after it.
+        key = torch.where(count >= self.min_ngram, count * W + j, -1).max(1).values
+        cont = torch.where(key >= 0, key % W + 1, -1)
         lens = torch.where(cont >= 0, (L + 1 - cont).clamp(max=k), 0).to(torch.int32)
         tokens = seq.gather(1, (cont.clamp(min=0)[:, None] + torch.arange(k, device=dev)).clamp(max=W - 1))
         probs = torch.ones(P, k, device=dev) if ctx.want_probs else None

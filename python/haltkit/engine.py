@@ -398,7 +398,7 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
     # Lengths by measured cost (adaptive="cost"): its first step is a plain one, to time it.
     policy = getattr(source, "policy", None)
     if policy is not None:
-        batch.k = policy.lengths(~state.finished)
+        batch.k = policy.lengths(state.finished)
 
     bar = None
     if progress:
@@ -421,12 +421,11 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
         k = K if compile and k > 0 else k  # compiled steps have two widths: 1 and K + 1
         if policy is not None:
             policy.tick(k)
-        if source is not None:
-            running = ~batch.state.finished
+        if source is not None and (k > 0 or (policy is not None and policy.shadow)):
             ctx = DraftContext(batch.seq, batch.length, batch.requests, batch.state, longest + 1,
                                method == "rejection", backend, target)
         if source is None or k == 0:
-            # Nobody drafts: a plain step. A cheap draft is still proposed, to learn whether it would pass.
+            # Nobody drafts: exactly the plain step. A cheap draft is still proposed, to learn whether it would pass.
             guess = source.propose(ctx, 1) if policy is not None and policy.shadow else None
             out = target.step(_decode_one, pending, batch.length, longest + 1, batch.requests, batch.state,
                               head, backend)
@@ -434,6 +433,7 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
             if guess is not None:
                 policy.observe(guess[1], (guess[1] > 0) & (guess[0][:, 0] == out.tokens))
         else:
+            running = ~batch.state.finished
             drafts, lens_d, probs = source.propose(ctx, k)
             lens_d = torch.where(running, torch.minimum(lens_d, batch.k.to(torch.int32)), 0)
             out = target.step(_verify_one, torch.cat([pending, drafts], 1), batch.length, longest + k + 1, lens_d,
@@ -449,9 +449,10 @@ def _decode(model, lists, requests, head, source, method, capacity, max_new, com
                 batch.k = torch.where(full, (batch.k + 2).clamp(max=K), (batch.k - 1).clamp(min=1))
         target_forwards += 1
         outs.record(batch, n_before, tokens, emitted, values)
+        finished = batch.state.finished
         if policy is not None:
-            batch.k = policy.lengths(~batch.state.finished)
-        batch.rows = torch.where(batch.state.finished, B, batch.rows)  # later steps write to the sink
+            batch.k = policy.lengths(finished)
+        batch.rows = torch.where(finished, B, batch.rows)  # later steps write to the sink
         num_active = out.num_active
         if bar is not None:
             bar.update(1)
