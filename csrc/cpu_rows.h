@@ -247,10 +247,12 @@ float top_k_by_radix(const float* z, int64_t V, int64_t k, Scratch& s) {
 //   L = log((1 - top_p) * total / V):
 // the tokens below L hold less than V e^L <= (1 - top_p) total, so those above hold at least
 // the target. They are the only candidates of the radix select (L is lowered by 1e-3 against
-// rounding), which keeps it off the bulk of a peaked row.
-float top_p_by_radix(const float* z, int64_t V, float floor, float top_p, Scratch& s) {
-  double total = 0.0;
-  for (int64_t base = 0; base < V; base += kChunk) {
+// rounding), which keeps it off the bulk of a peaked row. `row_mass`, when given, is that total
+// already (scan_chunks', for a row without top-k), and the pass that sums it is skipped.
+float top_p_by_radix(const float* z, int64_t V, float floor, float top_p, Scratch& s,
+                     const double* row_mass = nullptr) {
+  double total = row_mass != nullptr ? *row_mass : 0.0;
+  for (int64_t base = 0; row_mass == nullptr && base < V; base += kChunk) {
     const int64_t n = std::min(kChunk, V - base);
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
@@ -303,13 +305,14 @@ void top_k_by_chunk_bound(const float* z, int64_t V, const Filter& f, Scratch& s
 }
 
 // max(tau_k, tau_p, tau_m): the kept set is z >= tau (see filter_threshold in the reference).
-float kept_threshold(const float* z, int64_t V, const Filter& f, Scratch& s) {
+// `row_mass`: the softmax mass of the whole row when already known (rows without top-k).
+float kept_threshold(const float* z, int64_t V, const Filter& f, Scratch& s, const double* row_mass = nullptr) {
   float tau_k = -kInf, tau_p = -kInf;
   if (f.top_k_on && f.top_k * 4 <= V / kChunk) {
     top_k_by_chunk_bound(z, V, f, s, &tau_k, &tau_p);
   } else {
     if (f.top_k_on) tau_k = top_k_by_radix(z, V, f.top_k, s);
-    if (f.top_p_on) tau_p = top_p_by_radix(z, V, tau_k, f.top_p, s);
+    if (f.top_p_on) tau_p = top_p_by_radix(z, V, tau_k, f.top_p, s, f.top_k_on ? nullptr : row_mass);
   }
   return std::max(std::max(tau_k, tau_p), f.tau_m);
 }
@@ -626,11 +629,10 @@ int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass,
 
 // --- filtered rows in two passes over the logits --------------------------------------------
 // A top-k and/or top-p row, sampled without writing z for the whole row:
-//   1. (scan_chunks) read the logits once: row check, max, and each chunk's maximum;
-//   2. (gather_candidates) read them again (from L2: a row is at most a few hundred KiB) computing
-//      z = (x - max) / t on the fly: the top-p total mass when the top-p set is taken over the
-//      whole row, and the candidates, the tokens with z at or above a bound that every kept token
-//      clears (from the chunk maxima alone, so most chunks are skipped after the max test);
+//   1. (scan_chunks) read the logits once: row check, max, each chunk's maximum and, when the
+//      top-p set is taken over the whole row, its total mass (online softmax);
+//   2. (gather_candidates) read again (from cache) only the chunks whose maximum reaches a bound
+//      that every kept token clears, computing z = (x - max) / t on the fly: the candidates;
 //   3. the thresholds, the kept set's mass and the Gumbel-max draw on the candidates only, in
 //      index order, Philox words made per candidate.
 // The bound: top-k, the k-th largest chunk maximum (k chunks reach it, so k tokens do: tau_k is
@@ -678,12 +680,14 @@ inline float exp_total(float d) {
 // Row check, max and chunk maxima (into s.vals, one per chunk of kChunk tokens) in one pass; with
 // `total`, also the row's softmax mass at temperature t, sum_i exp((x_i - max) / t), by the
 // online softmax: each chunk's exps are taken against the running max m (x_i - m <= 0, so every
-// term is at most 1) and the sum is rescaled by exp((m_old - m_new) / t) when m grows. The terms
-// use exp_f, as every kept-set decision does (a row whose max comes first gets the very terms
-// of the two-pass sum); the rescale is taken in double from exact float differences, so rows
-// whose max grows in every chunk (sorted logits) do not accumulate its rounding. A term's
-// argument (x_i - m) / t rounds no worse than the reference's z = (x_i - max) / t, since
-// |x_i - m| <= |x_i - max|: the total is within a few float ulps of the two-pass sum.
+// term is at most 1) and the sum is rescaled by exp((m_old - m_new) / t) when m grows. The
+// rescale is taken in double from exact float differences, so rows whose max grows in every
+// chunk (sorted logits) do not accumulate its rounding; a term's argument (x_i - m) / t rounds
+// no worse than the reference's z = (x_i - max) / t, since |x_i - m| <= |x_i - max|. The terms
+// use exp_total (3e-7): the total, hence the top-p target, is within about 4e-7 relative of the
+// reference's, far inside the float-tie allowance (1e-5 of top_p). The kept-set walk itself
+// sums exp_f over the sorted candidates, as before. A total too large only makes the candidates
+// fall short of the target, and the row then takes the general path, which is exact.
 template <int DT>
 RowScan scan_chunks(const void* row, int64_t V, Scratch& s, float t = 1.0f, double* total = nullptr) {
   const int64_t chunks = (V + kChunk - 1) / kChunk;
@@ -873,6 +877,9 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
   // Filtered rows at non-speculative positions scan chunk maxima too, for direct_row.
   const Filter f = row_filter(r, V);
   const bool direct = !greedy && !pos.spec.on && (f.top_k_on || f.top_p_on);
+  // Top-p over the whole row (no top-k): its total comes from the first pass, for direct_row or,
+  // when that declines the row (a flat top), for the general path.
+  const bool whole_row_top_p = direct && f.top_p_on && !f.top_k_on;
   GreedyScan g{RowScan{0.0f, true}, -1, 0.0};
   if (scanned != nullptr) {
     g = *scanned;
@@ -881,7 +888,6 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
       g = greedy_scan<DT>(row, V);
     } else if (direct) {
       // The top-p total over the whole row (top-p without a small top-k) comes from the same pass.
-      const bool whole_row_top_p = f.top_p_on && !direct_small_k(f, V);
       g.scan = scan_chunks<DT>(row, V, scr, row_temperature(r), whole_row_top_p ? &g.mass : nullptr);
     } else {
       g.scan = scan_row<DT>(row, V);
@@ -911,7 +917,7 @@ Judged judge(const DecodeStepArgs& a, const RowRequest& r, RowState& s, const Po
     scr.z.resize(static_cast<size_t>(V));
     float* z = scr.z.data();
     fill_z<DT>(row, V, g.scan.max, row_temperature(r), z);
-    const float tau = (f.top_k_on || f.top_p_on) ? kept_threshold(z, V, f, scr) : f.tau_m;
+    const float tau = (f.top_k_on || f.top_p_on) ? kept_threshold(z, V, f, scr, whole_row_top_p ? &g.mass : nullptr) : f.tau_m;
     const uint32_t step = static_cast<uint32_t>(s.num_generated);
     const bool speculate = p.draw && pos.spec.on;
     const Draw d = mass_and_draw(z, V, tau, p.draw && !speculate, r.seed, step);
