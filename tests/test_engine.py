@@ -346,7 +346,7 @@ def test_result_reports_reasons_timings_and_serialises():
     model = tiny("llama")
     head = countdown_head(32, 10)
     res = haltkit.generate(model, ragged_prompts(2), value_head=head, draft="layer:1", progress=True,
-                           exit=[greedy(10), greedy(10, cost_of_time=97.5)])
+                           exit=[greedy(10), greedy(10, cost_of_time=97.5, patience=1)])
     d = json.loads(json.dumps(res.to_dict()))
     assert d["finish_reason"] == ["length", "value"] and d["num_steps"] == [10, 3]
     assert set(d["timings"]) >= {"prefill", "decode", "compile", "total", "tokens_per_s"}
@@ -474,6 +474,20 @@ def test_compiled_step_matches_eager_across_buckets_and_is_reused():
     assert [len(t) for t in want] == [6, 2, 6]
     again = haltkit.generate(model, prompts, exit=exits, sampling=params, compile=True)
     assert again.tokens == want and again.timings["compile"] == 0.0
+    compiled.clear()
+
+
+def test_pooled_compiled_runner_follows_a_model_converted_in_place():
+    """A model moved to bf16 after a compiled call gets a pooled runner (and KV cache) of bf16, not
+    the fp32 buffers of before (whose attention would mix dtypes)."""
+    from haltkit import compiled
+
+    model = tiny("llama", seed=3)
+    fp32 = compiled.compiled_runner(model, 2, 64)
+    assert compiled.compiled_runner(model, 2, 64) is fp32
+    model.to(torch.bfloat16)
+    bf16 = compiled.compiled_runner(model, 2, 64)
+    assert bf16 is not fp32 and bf16.dtype == torch.bfloat16
     compiled.clear()
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import haltkit
-from haltkit import DecodeState, ExitPolicy, MarginalValueHead, Reason, SamplingParams, pack_requests
+from haltkit import DEFAULT_PATIENCE, DecodeState, ExitPolicy, MarginalValueHead, Reason, SamplingParams, pack_requests
 
 # ---------------------------------------------------------------------------------------------
 # SamplingParams / ExitPolicy: each bad value names its field and the value.
@@ -114,7 +114,7 @@ def test_documented_defaults():
     assert SamplingParams() == SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None)
     assert not SamplingParams().greedy and SamplingParams(temperature=0).greedy
     assert ExitPolicy() == ExitPolicy(
-        cost_of_time=None, patience=1, min_new_tokens=0, max_new_tokens=256,
+        cost_of_time=None, patience=DEFAULT_PATIENCE, min_new_tokens=0, max_new_tokens=256,
         eos_token_ids=(), thinking_budget=None, exit_tokens=(),
     )
 
@@ -187,7 +187,7 @@ def test_pack_requests_lays_out_documented_fields():
     assert torch.equal(r.min_p, f32([0.0, 0.05, 0.0, 0.0]))
     assert r.seed.tolist() == [0, 2**63 - 1, 12345678901, 7]
     assert torch.equal(r.cost_of_time, f32([-math.inf, 0.25, -2.0, -math.inf]))  # None -> -inf (off)
-    assert r.patience.tolist() == [1, 3, 1, 1]
+    assert r.patience.tolist() == [DEFAULT_PATIENCE, 3, DEFAULT_PATIENCE, DEFAULT_PATIENCE]
     assert r.min_new_tokens.tolist() == [0, 4, 0, 0]
     assert r.max_new_tokens.tolist() == [256, 100, 256, 1]
     assert r.thinking_budget.tolist() == [0, 50, 0, 0]  # None -> 0 (no budget)

@@ -258,7 +258,7 @@ def test_value_exit_respects_patience(backend):
 def test_min_new_tokens_delays_value_exits(backend):
     V = 16
     run = Run(backend, SamplingParams(temperature=0.0),
-              [ExitPolicy(cost_of_time=0.5, min_new_tokens=3), ExitPolicy(cost_of_time=0.5)], V)
+              [ExitPolicy(cost_of_time=0.5, patience=1, min_new_tokens=3), ExitPolicy(cost_of_time=0.5, patience=1)], V)
     for _ in range(4):
         run.step(peaked(2, V, [2, 2]), [0.1, 0.1])
     assert run.trace("below_count", 0) == [0, 0, 0, 1]

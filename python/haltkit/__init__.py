@@ -5,7 +5,7 @@ from .drafts import DraftModel, EarlyLayerDraft, PromptLookup
 from .engine import generate
 from .models import ToyModels, load_toy
 from .ops import decode_step, sampling_probs, verify_step, verify_step_flat
-from .params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
+from .params import DEFAULT_PATIENCE, ExitPolicy, RequestBatch, SamplingParams, pack_requests
 from .result import GenerateResult
 from .speculative import VerifyOutput
 from .state import DecodeState, Reason, StepOutput
@@ -14,6 +14,7 @@ from .value_head import HeadWeights, MarginalValueHead, load_value_head
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_PATIENCE",
     "DecodeState",
     "DraftModel",
     "EarlyLayerDraft",

@@ -28,7 +28,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-head", default=None, help="a value head file; one written by train-head also gives the "
                    "chat template, exit text, EOS ids, thinking budget, lambda and patience (options override)")
     p.add_argument("--cost-of-time", type=float, default=None, help="lambda: the price of one more step")
-    p.add_argument("--patience", type=int, default=None, help="default: the head's, else ExitPolicy's")
+    p.add_argument("--patience", type=int, default=None, help="default: the head's calibrated one, else "
+                   "haltkit.DEFAULT_PATIENCE")
     p.add_argument("--thinking-budget", type=int, default=None, help="most thinking tokens (default: no budget)")
     p.add_argument("--exit-text", default=None, help="text forced at a thinking exit, e.g. '</think>A:'")
     p.add_argument("--draft", default=None, help="a draft checkpoint directory, 'ngram' or 'layer:L'")
@@ -173,7 +174,7 @@ def _toy_or_random(seed: int):
     prompts = [f"Q:{a}+{b}<think>" for a, b in ((3, 4), (12, 30), (7, 8), (50, 25), (1, 1), (9, 90))]
 
     def policy(lam):
-        return ExitPolicy(cost_of_time=lam, patience=2, max_new_tokens=48, eos_token_ids=(tok.eos_id,),
+        return ExitPolicy(cost_of_time=lam, max_new_tokens=48, eos_token_ids=(tok.eos_id,),
                           thinking_budget=40, exit_tokens=tok.exit_tokens)
 
     return target, draft, head, tok, prompts, [None] * len(prompts), policy, False

@@ -19,8 +19,16 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "ExitPolicy", "RequestBatch", "pack_requests", "SEED_MAX"]
+__all__ = ["SamplingParams", "ExitPolicy", "RequestBatch", "pack_requests", "SEED_MAX", "DEFAULT_PATIENCE"]
 
+#: The one default patience: what every entry point (``ExitPolicy``, ``haltkit generate``, the vLLM
+#: request parameter, ``toy.exit_policy``, ``haltkit.hf.ValueExit``, ``eval-exits``) uses when no
+#: trained head supplies its calibrated patience and the caller names none. Chosen on the shipped
+#: toy head (bench/results/exit_frontier.md, 182 test questions): at patience 1 a single low value
+#: ends the think phase, and the head exits after 0-5 think tokens answering 0-15% of sums right;
+#: at 2 accuracy stays at or above no exit's only for prices up to 0.005; at 4 for every price from
+#: 0.0005 to 0.015 (a 30x range), with 25-66% fewer think tokens.
+DEFAULT_PATIENCE = 4
 #: Seeds are stored in an int64 tensor, so they live in [0, 2**63).
 SEED_MAX = 2**63 - 1
 # Counts and token ids are int32 on the device.
@@ -143,7 +151,8 @@ class ExitPolicy:
     Args:
         cost_of_time: the price of one more step, lambda, in units of final return per step;
             ``None`` turns value exits off. Default None.
-        patience: consecutive below-lambda steps needed, >= 1. Default 1.
+        patience: consecutive below-lambda steps needed, >= 1. Default :data:`DEFAULT_PATIENCE`
+            (a trained head's calibrated patience comes from ``head.exit_policy()``).
         min_new_tokens: tokens before value exits may fire, >= 0. Default 0.
         max_new_tokens: hard length limit, >= 1. Default 256.
         eos_token_ids: ids that finish the request. Default () (none).
@@ -155,7 +164,7 @@ class ExitPolicy:
     """
 
     cost_of_time: float | None = None
-    patience: int = 1
+    patience: int = DEFAULT_PATIENCE
     min_new_tokens: int = 0
     max_new_tokens: int = 256
     eos_token_ids: tuple[int, ...] = ()

@@ -23,6 +23,8 @@ EOS, EXIT = TOK.eos_id, TOK.exit_tokens
 
 
 def greedy(max_tokens: int = BUDGET, **haltkit) -> SamplingParams:
+    if "cost_of_time" in haltkit:  # the step head's arithmetic below is at patience 1 unless a case names one
+        haltkit.setdefault("patience", 1)
     return SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=haltkit or None)
 
 
@@ -104,7 +106,7 @@ def test_requests_without_haltkit_parameters_match_plain_vllm_in_a_mixed_batch(s
     params = []
     for i, _ in enumerate(PROMPTS):
         sampled = dict(temperature=0.8, top_p=0.9, seed=100 + i) if i % 3 == 1 else dict(temperature=0)
-        extra = {"cost_of_time": -(i + 1), "exit_tokens": list(EXIT)} if i % 2 == 0 else None
+        extra = {"cost_of_time": -(i + 1), "patience": 1, "exit_tokens": list(EXIT)} if i % 2 == 0 else None
         params.append(SamplingParams(max_tokens=BUDGET, extra_args=extra, **sampled))
     mixed = run(step_llm, PROMPTS, params)
     stripped = [SamplingParams(max_tokens=BUDGET, **{k: getattr(s, k) for k in ("temperature", "top_p", "seed")})
@@ -154,7 +156,7 @@ def test_a_request_that_could_not_finish_on_an_exit_is_refused(step_llm, plain):
     # told apart from the model's EOS by stop_reason.
     halt = 97
     ok = SamplingParams(temperature=0, max_tokens=BUDGET, ignore_eos=True, stop_token_ids=[halt, EOS],
-                        extra_args={"cost_of_time": -2.0})
+                        extra_args={"cost_of_time": -2.0, "patience": 1})
     out = step_llm.generate(PROMPTS[:1], ok, use_tqdm=False)[0].outputs[0]
     assert list(out.token_ids) == plain[PROMPTS[0]][:2] + [halt]
     assert out.finish_reason == "stop" and out.stop_reason == halt

@@ -22,7 +22,7 @@ import pytest
 
 from haltkit import ExitPolicy
 from haltkit.tokenizer import CharTokenizer
-from tinyllama import BUDGET, ENGINE_KW
+from tinyllama import BUDGET, ENGINE_KW, PROMPTS
 
 TOK = CharTokenizer()
 PROMPT = "Q:3+4+5<think>"
@@ -38,6 +38,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, step_head_file, tmp_path_factory):
+    yield from _serve(tiny_model, step_head_file, tmp_path_factory)
+
+
+#: n-gram drafts for the server with speculative decoding.
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+@pytest.fixture(scope="module")
+def spec_server(tiny_model, step_head_file, tmp_path_factory):
+    """The same server with n-gram speculative decoding: vLLM's V1 runner in a worker process
+    of its own, reached by haltkit's worker extension."""
+    yield from _serve(tiny_model, step_head_file, tmp_path_factory, speculative_config=SPEC)
+
+
+def _serve(tiny_model, step_head_file, tmp_path_factory, speculative_config=None):
     import haltkit.vllm
 
     port = _free_port()
@@ -53,7 +68,9 @@ def server(tiny_model, step_head_file, tmp_path_factory):
            "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE_KW["dtype"], "--enforce-eager",
            "--max-model-len", str(ENGINE_KW["max_model_len"]),
            "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]),
-           *haltkit.vllm.server_args(step_head_file)]
+           *haltkit.vllm.server_args(step_head_file, speculative_config=speculative_config)]
+    if speculative_config:
+        cmd += ["--speculative-config", json.dumps(speculative_config)]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     with open(log, "w") as out:
         # A session of its own, so the engine process it spawns is stopped with it; run outside
@@ -102,6 +119,8 @@ def post(server, path: str, body: dict) -> tuple[int, dict | str]:
 def complete(server, **xargs) -> tuple[int, dict]:
     """POST one greedy completion of PROMPT; (HTTP status, JSON body)."""
     body = {"model": server[1], "prompt": PROMPT, "max_tokens": BUDGET, "temperature": 0}
+    if "cost_of_time" in xargs:  # the step head's arithmetic below is at patience 1 unless a test names one
+        xargs.setdefault("patience", 1)
     if xargs:
         body["vllm_xargs"] = xargs
     return post(server, "/v1/completions", body)
@@ -193,3 +212,40 @@ def test_a_forced_end_of_thinking_splits_reasoning_from_content(server, plain_to
         reasoning, content = msg["reasoning"], msg["content"]
     assert reasoning == TOK.decode(plain_tokens[:7], skip_special=True)
     assert content.startswith("A:")
+
+
+def test_exits_with_ngram_drafts_over_http_equal_the_in_process_engine(spec_server, step_llm):
+    # Mixed policies in one concurrent batch; greedy, so the outputs with drafts must be token for
+    # token those of the in-process engine without drafts (test_vllm_spec: the same with drafts),
+    # with the same exit report, while vLLM really accepts drafts.
+    from vllm import SamplingParams
+
+    from test_vllm_spec import POLICIES
+
+    bodies = [{"model": spec_server[1], "prompt": p, "max_tokens": BUDGET, "temperature": 0,
+               "return_token_ids": True, **({"vllm_xargs": x} if x else {})} for p, x in zip(PROMPTS, POLICIES)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        got = list(pool.map(lambda b: post(spec_server, "/v1/completions", b), bodies))
+    want = step_llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=BUDGET, extra_args=x or None)
+                                       for x in POLICIES], use_tqdm=False)
+    for (status, body), w, x in zip(got, want, POLICIES):
+        assert status == 200, body
+        choice = body["choices"][0]
+        assert choice["token_ids"] == list(w.outputs[0].token_ids), x
+        assert choice["finish_reason"] == w.outputs[0].finish_reason, x
+        assert body.get("kv_transfer_params") == w.kv_transfer_params, x  # None where no parameters
+    assert {body["kv_transfer_params"]["haltkit"]["think_end"] for _, body in got if body.get("kv_transfer_params")} \
+        == {"value", "budget"}
+    with urllib.request.urlopen(spec_server[0] + "/metrics", timeout=REQUEST_TIMEOUT_S) as r:
+        metrics = r.read().decode()
+
+    def value(name: str) -> float:
+        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
+
+    assert value("vllm:spec_decode_num_accepted_tokens_total") >= 10, [
+        m for m in metrics.splitlines() if m.startswith("vllm:spec_decode")]
+    exits = {r: sum(1 for w in want if w.kv_transfer_params and w.kv_transfer_params["haltkit"]["think_end"] == r)
+             for r in ("value", "budget")}
+    for reason, n in exits.items():
+        assert value(f'haltkit:think_exits_total{{reason="{reason}"}}') == n, reason
+    assert value("haltkit:think_tokens_count") == sum(1 for x in POLICIES if x)

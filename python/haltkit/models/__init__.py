@@ -45,14 +45,14 @@ class ToyModels(NamedTuple):
                     min_new_tokens: int = 0, max_answer_tokens: int = 10):
         """An :class:`haltkit.ExitPolicy` for the toy target (its EOS and exit tokens filled in).
 
-        ``patience`` defaults to the head's calibrated one (its metadata), as everywhere else a
-        head is used; ``max_new_tokens`` leaves room for the forced exit tokens and an answer
-        after the budget.
+        ``patience`` defaults to the head's calibrated one (its metadata), else
+        :data:`haltkit.DEFAULT_PATIENCE`, as everywhere else a head is used; ``max_new_tokens``
+        leaves room for the forced exit tokens and an answer after the budget.
         """
-        from ..params import ExitPolicy
+        from ..params import DEFAULT_PATIENCE, ExitPolicy
 
         if patience is None:
-            patience = self.head.exit_defaults().get("patience", ExitPolicy.__dataclass_fields__["patience"].default)
+            patience = self.head.exit_defaults().get("patience", DEFAULT_PATIENCE)
         return ExitPolicy(cost_of_time=cost_of_time, patience=patience, min_new_tokens=min_new_tokens,
                           max_new_tokens=thinking_budget + len(self.exit_tokens) + max_answer_tokens,
                           eos_token_ids=(self.eos_token_id,), thinking_budget=thinking_budget,

@@ -139,6 +139,7 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
     Raises:
         ValueError: a head without train-head metadata, or one of another model / tokenizer.
     """
+    from ..params import DEFAULT_PATIENCE
     from ..value_head import load_value_head
     from .conventions import Conventions
     from .head import _reward_at, head_values, load_model, simulate_exits
@@ -152,7 +153,7 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
     prompt_ids = conv.render_all(tok, problems)
     B = int(head.meta["thinking_budget"])
     default = head.exit_defaults()
-    patience = default.get("patience", 1)
+    patience = default.get("patience", DEFAULT_PATIENCE)
     rc = RolloutConfig(every=1, max_think=B, max_answer=int(head.meta.get("max_answer_tokens", 16)),
                        batch_size=batch_size)
     rollouts = []
@@ -218,7 +219,9 @@ def eval_exits(model_dir: str, head_path: str, task, problems: list, out_dir: st
               "thinking_budget": B, "generate_check": check, "fit": head.meta.get("fit"), "per_group": {}}
     md = [f"# eval-exits: {os.path.basename(os.path.abspath(model_dir))}, {len(problems)} problems "
           f"({result['distinct_questions']} distinct questions)", "",
-          f"Greedy decoding, thinking budget {B}, head patience {patience} (from the head file). Every point is "
+          f"Greedy decoding, thinking budget {B}, head patience {patience} ("
+          f"{'from the head file' if 'patience' in default else 'haltkit.DEFAULT_PATIENCE: the head names none'}). "
+          "Every point is "
           "exact for greedy decoding: a forced-answer probe after every think token, the head replayed with the "
           "kernel's exit rule. 'truncation at the same tokens' interpolates the fixed budgets at the head point's "
           "mean think tokens.", ""]

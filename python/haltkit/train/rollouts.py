@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import DecodeState, ExitPolicy, Reason, SamplingParams, decode_step, pack_requests
+from .. import DEFAULT_PATIENCE, DecodeState, ExitPolicy, Reason, SamplingParams, decode_step, pack_requests
 from ..runner import split_model
 from ..tasks import Problem, parse_answer, prompt_text
 from ..tokenizer import CharTokenizer
@@ -87,11 +87,12 @@ def _split(model):
 
 @torch.no_grad()
 def think_greedy(model, tok: CharTokenizer, problems: list[Problem], max_think: int, max_answer: int = 10,
-                 head=None, cost_of_time: float | None = None, patience: int = 2):
+                 head=None, cost_of_time: float | None = None, patience: int | None = None):
     """Greedy decodes of a batch of prompts: think phase, exit, answer (a plain decode_step loop).
 
     Without ``cost_of_time`` the think phase ends when the model closes it or at ``max_think``
-    tokens; with it, also on a value exit of ``head`` (the exit tokens are then forced).
+    tokens; with it, also on a value exit of ``head`` (the exit tokens are then forced) after
+    ``patience`` steps (default: the head's calibrated patience, else ``DEFAULT_PATIENCE``).
 
     Returns:
         A list, per problem, of (think_ids [T] int64, think_end :class:`Reason`, answer text,
@@ -108,6 +109,8 @@ def think_greedy(model, tok: CharTokenizer, problems: list[Problem], max_think: 
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
+    if patience is None:
+        patience = (head.exit_defaults() if head is not None else {}).get("patience", DEFAULT_PATIENCE)
     policy = ExitPolicy(cost_of_time=cost_of_time, patience=patience, eos_token_ids=(tok.eos_id,),
                         max_new_tokens=max_think + len(tok.exit_tokens) + max_answer,
                         thinking_budget=max_think, exit_tokens=tok.exit_tokens)
