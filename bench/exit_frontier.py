@@ -14,9 +14,11 @@ accepted when the last n agree; (e) the value head over a sweep of the price of 
 correct (0 tokens for a query the model gets wrong anyway). Probe tokens of (c) and (d) (the
 exit tokens and answers of rejected probes) are counted in their cost.
 
-Queries are distinct held-out questions (level 1 has only a few), split by a hash of the question
-into a validation half, on which the head's operating point (lambda, patience) is chosen, and a
-test half, which every reported figure comes from.
+Queries are distinct held-out questions (level 1 has only 11 possible held-out questions), split by
+a hash of the question into a validation half, on which the head's operating points (lambda,
+patience) are chosen by the pipeline's own rule (:func:`haltkit.train.head.calibrate`: the point
+must hold with a confidence margin and at twice its price), and a test half, which every reported
+figure comes from. ``--calibrate-head FILE`` writes the shipped head with those points.
 
 Writes ``bench/results/exit_frontier.{json,md,png}``.
 """
@@ -38,7 +40,7 @@ import haltkit
 from haltkit import DecodeState, Reason, SamplingParams, decode_step, pack_requests
 from haltkit.tasks import DIFFICULTIES, ChainSum, prompt_text
 from haltkit.tokenizer import CharTokenizer
-from haltkit.train.head import split_of
+from haltkit.train.head import calibrate, set_operating_points, split_of
 from haltkit.train.rollouts import collect_rollouts, load_rollouts, think_greedy
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +67,14 @@ def distinct_held_out(task: ChainSum, per_level: int, seed: int) -> list:
                 out.append(p)
                 n += 1
     return out
+
+
+def level_counts(rs) -> dict:
+    """Distinct questions per difficulty level."""
+    out: dict = {}
+    for r in rs:
+        out.setdefault(r.problem.difficulty, set()).add(r.problem.question)
+    return {lvl: len(q) for lvl, q in sorted(out.items())}
 
 
 def point(rs, think, probe, label: str, **params) -> dict:
@@ -219,7 +229,7 @@ def live_check(rs, toy, lam: float, patience: int, max_think: int, count: int) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--per-level", type=int, default=60, help="held-out queries per difficulty level")
+    ap.add_argument("--per-level", type=int, default=90, help="held-out queries per difficulty level")
     ap.add_argument("--max-think", type=int, default=320)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "haltkit_exit_frontier"),
@@ -231,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rollouts-only", action="store_true", help="collect the rollouts (before a head exists) and stop")
     ap.add_argument("--worker", type=int, default=0, help="with --rollouts-only: this process's share of the shards")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--calibrate-head", default=None, help="write the head with the operating points chosen on the "
+                    "validation half to this file (the shipped one: python/haltkit/models/toy/head.safetensors)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -258,14 +270,21 @@ def main(argv=None) -> int:
     d = [dynasor(rs, k, n) for k in PROBE_EVERY for n in DYNASOR_REPEATS]
     e = value_sweep(rs, toy, args.max_think) + [dict(a, label="(e) value head", cost_of_time=None, patience=None)]
 
-    # The operating point: fewest tokens at (a)'s accuracy within one point, on the validation half;
-    # reported at the same (lambda, patience) on the test half.
-    a_val = no_exit(val_rs)
-    e_val = value_sweep(val_rs, toy, args.max_think)
-    ok = [p for p in e_val if p["accuracy"] >= a_val["accuracy"] - 0.01] or [a_val]
-    star_val = min(ok, key=lambda p: p["tokens"])
-    star = next((p for p in e if p.get("cost_of_time") == star_val.get("cost_of_time")
-                 and p.get("patience") == star_val.get("patience")), e[-1])
+    # The operating points are chosen on the validation half by train-head's rule (with margins),
+    # and reported at the same (lambda, patience) on the test half; so is the rule without margins.
+    ops = calibrate(toy.head, val_rs, args.max_think)
+    naive = calibrate(toy.head, val_rs, args.max_think, price_margin=1.0, z=0.0)
+    chosen = {}
+    for tag, op in (("within_1pt", ops.get("within_1pt")), ("no_loss", ops.get("no_loss")),
+                    ("within_1pt_no_margin", naive.get("within_1pt"))):
+        if op is None:
+            continue
+        ex = replay_value_exits(rs, toy.head, toy, [(op["cost_of_time"], op["patience"], args.max_think)])[0]
+        chosen[tag] = dict(point(rs, ex, [0] * len(rs), "(e) value head", cost_of_time=op["cost_of_time"],
+                                 patience=op["patience"]), validation={k: op[k] for k in ("accuracy", "think_tokens")})
+    star = chosen.get("within_1pt", dict(a, label="(e) value head", cost_of_time=None, patience=None))
+    star_val = ops.get("within_1pt")
+    e = e + [p for p in chosen.values()]
     best_e = max(e, key=lambda p: (p["accuracy"], -p["tokens"]))  # the head's most accurate setting
     save_e, save_o = a["think"] - star["think"], a["think"] - o["think"]
     dominated = {name: [frontier_cost(e, p["accuracy"]) <= p["tokens"] + 1e-9 for p in pts]
@@ -274,7 +293,7 @@ def main(argv=None) -> int:
     # Budget conditioning: at a target mean budget, the head (told a cap through n / budget)
     # against plain truncation at that budget.
     budget_rows = []
-    patience = star["patience"] or 2
+    patience = star["patience"] or haltkit.DEFAULT_PATIENCE
     for target in (16, 32, 48, 64, 96):
         caps = sorted({min(c, args.max_think) for c in (target, 2 * target, args.max_think)})
         settings = [(lam, patience, cap) for cap in caps for lam in LAMBDAS[::2] + [star["cost_of_time"] or LAMBDAS[0]]]
@@ -305,8 +324,10 @@ def main(argv=None) -> int:
         "model": {"target_params": sum(p.numel() for p in toy.target.parameters()),
                   "draft_params": sum(p.numel() for p in toy.draft.parameters()), "head": repr(toy.head)},
         "queries": len(rs), "distinct_questions": len({r.problem.question for r in rs}),
-        "validation_queries": len(val_rs), "operating_point_on_validation": strip(star_val) if "exits" in star_val
-        else star_val, "per_level": args.per_level, "seed": args.seed, "max_think": args.max_think,
+        "validation_queries": len(val_rs), "validation_distinct_questions": len({r.problem.question for r in val_rs}),
+        "level_counts": {"validation": level_counts(val_rs), "test": level_counts(rs)},
+        "operating_point_on_validation": star_val, "calibration": {k: v for k, v in ops.items()},
+        "chosen_on_validation": {k: strip(v) for k, v in chosen.items()}, "per_level": args.per_level, "seed": args.seed, "max_think": args.max_think,
         "rollout_seconds": t_roll, "natural_vs_forced_final_agree": sum(
             task.verify(r.problem, r.natural_answer) == float(r.reward[-1]) for r in rs) / len(rs),
         "a": strip(a), "o": strip(o), "b": [strip(p) for p in b], "c": [strip(p) for p in c],
@@ -328,6 +349,17 @@ def main(argv=None) -> int:
         "live_check": live,
         "seconds": time.time() - t0,
     }
+    if args.calibrate_head:
+        head = haltkit.MarginalValueHead.load(Path(args.toy or haltkit.models.toy_dir()) / "head.safetensors")
+        set_operating_points(head, ops, {
+            "source": "bench/exit_frontier.py, validation half", "questions": len(val_rs),
+            "distinct_questions": len({r.problem.question for r in val_rs}), "level_counts": level_counts(val_rs),
+            "seed": args.seed, "per_level": args.per_level, "split": "split_of(question, 0.5, 0.0) == 'val'",
+            "probe_every": 1, "max_think": args.max_think,
+            "test_split": {k: {"accuracy": v["accuracy"], "think_tokens": v["think"]} for k, v in chosen.items()
+                           if k in ops} | {"no_exit": {"accuracy": a["accuracy"], "think_tokens": a["think"]}}})
+        head.save(args.calibrate_head)
+        print(f"wrote {args.calibrate_head}: {head.meta['operating_points']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "exit_frontier.json").write_text(json.dumps(result, indent=1))
@@ -340,11 +372,26 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     t = r["targets"]
     counts = ", ".join(f"{v['n']}" for v in r["per_difficulty"]["a"].values())
+    lc = r["level_counts"]
+    fmt = lambda d: ", ".join(f"level {k}: {v}" for k, v in d.items())  # noqa: E731
+    rule = r["calibration"].get("rule", {})
     L = [f"# Exit frontier: shipped toy model, {r['queries']} held-out chain sums, {r['distinct_questions']} distinct "
          f"(per level: {counts})", "",
-         f"The operating point (lambda, patience) was chosen on {r['validation_queries']} other distinct held-out "
-         "questions (a validation half, split by a hash of the question); every figure below is from the test half.",
-         "",
+         f"Test half: {r['distinct_questions']} distinct held-out questions ({fmt(lc['test'])}). The operating points "
+         f"(lambda, patience) were chosen on {r['validation_distinct_questions']} other distinct held-out questions "
+         f"(validation half, split by a hash of the question; {fmt(lc['validation'])}; level 1 has only 11 possible "
+         "held-out questions in all) by train-head's rule, `haltkit.train.head.calibrate`: the fewest think tokens "
+         f"whose accuracy clears the floor by {rule.get('z')} standard errors of its paired difference with no exit "
+         f"and that still clears it at {rule.get('price_margin')}x the price. Every figure below is from the test half.",
+         "", "| point chosen on validation | lambda | patience | validation accuracy / think | test accuracy / think |",
+         "|---|---|---|---|---|",
+         *[f"| {name} | {p['cost_of_time']:.4g} | {p['patience']} | {p['validation']['accuracy']:.3f} / "
+           f"{p['validation']['think_tokens']:.1f} | {p['accuracy']:.3f} / {p['think']:.1f} |"
+           for name, p in r["chosen_on_validation"].items()],
+         f"| (a) no exit | - | - | {r['calibration']['no_exit']['accuracy']:.3f} / "
+         f"{r['calibration']['no_exit']['think_tokens']:.1f} | {r['a']['accuracy']:.3f} / {r['a']['think']:.1f} |", "",
+         "`within_1pt_no_margin` is the same choice without the margins (fewest tokens within one point of no "
+         "exit on validation), shown for what it loses on the test half.", "",
          f"Greedy; {r['model']['target_params']:,}-parameter target, head {r['model']['head']}; "
          f"torch {r['machine']['torch']}, {r['machine']['threads']} threads. Tokens are mean think tokens per "
          "query, plus rejected probes' tokens for (c) and (d).", "",
@@ -354,7 +401,7 @@ def markdown(r: dict) -> str:
          "## Against the targets", "",
          "| quantity | measured | target |", "|---|---|---|",
          f"| accuracy (a) no exit | {t['accuracy_a']:.3f} | |",
-         f"| accuracy (e) at operating point (lambda={r['operating_point']['cost_of_time']}, "
+         f"| accuracy (e) at operating point (lambda={r['operating_point']['cost_of_time']:.4g}, "
          f"patience={r['operating_point']['patience']}) | {t['accuracy_e']:.3f} | >= (a) - 0.01 |",
          f"| think tokens (a) / (e) / (o) | {t['think_a']:.1f} / {t['think_e']:.1f} / {t['think_o']:.1f} | |",
          f"| (e) saving / oracle saving | {t['e_saves_fraction_of_oracle_saving']:.2f} | >= 0.80 |",
@@ -373,7 +420,7 @@ def markdown(r: dict) -> str:
     for p in r["d"]:
         row(p, f"every {p['every']}, {p['repeats']} equal")
     for p in r["e"]:
-        row(p, f"lambda {p['cost_of_time']}, patience {p['patience']}")
+        row(p, "-" if p["cost_of_time"] is None else f"lambda {p['cost_of_time']:.4g}, patience {p['patience']}")
     L += ["", "## Per difficulty (accuracy / mean think tokens)", "",
           f"| level | n | (a) no exit | (o) oracle | (e) operating point | (e) most accurate (lambda "
           f"{r['most_accurate_e']['cost_of_time']}, patience {r['most_accurate_e']['patience']}) |",

@@ -333,3 +333,49 @@ def test_greedy_answers_stop_each_row_at_its_first_eos():
     assert count.tolist() == [2, 3] and fed == [[5, 5], [1, 6]]
     per_step = [torch.log_softmax(logits_for(t), -1).gather(1, t[:, None])[:, 0] for t in script]
     assert torch.allclose(logp, torch.stack([per_step[0][0] + per_step[1][0], sum(p[1] for p in per_step)]))
+
+
+def _cliff_rollouts(n: int = 60, T: int = 40):
+    """Rollouts whose head value falls by 0.001 a step from 0.04 (the same for all), and whose
+    forced answer turns right for good at a step spread over 5..25: accuracy falls off a cliff
+    as the price rises past 0.015."""
+    from haltkit.tasks import Problem
+    from haltkit.train.rollouts import Rollout
+
+    out = []
+    for q in range(n):
+        hidden = torch.zeros(T + 1, 4)
+        hidden[:, 0] = 0.04 - 0.001 * torch.arange(T + 1)
+        right_from = 5 + (20 * q) // n
+        reward = (torch.arange(T + 1) >= right_from).float()
+        out.append(Rollout(Problem(f"q{q}", "1"), torch.zeros(T, dtype=torch.long), True, "1", hidden,
+                           torch.arange(T + 1), reward, torch.ones(T + 1), torch.ones(T + 1, dtype=torch.long),
+                           [""] * (T + 1)))
+    return out
+
+
+def test_calibration_keeps_off_the_cliff_edge():
+    from haltkit.train.head import calibrate
+
+    head = MarginalValueHead(4, hidden=0)
+    with torch.no_grad():  # the value is the first hidden feature
+        head.w1.zero_()
+        head.w1[0, 0] = 1.0
+        head.b1.zero_()
+    val = _cliff_rollouts()
+    edge = calibrate(head, val, 40, price_margin=1.0, z=0.0)["within_1pt"]
+    safe = calibrate(head, val, 40)["within_1pt"]
+    # Without margins the point sits where the last question turns right (step 25, price ~0.015).
+    assert edge["think_tokens"] <= 26 and edge["accuracy"] >= 0.99
+    # With them, twice the price must still hold: the exit comes at least 7 steps later.
+    assert safe["think_tokens"] >= edge["think_tokens"] + 7 and safe["accuracy_at_higher_price"] >= 0.99
+    assert safe["cost_of_time"] * 2 <= edge["cost_of_time"] + 1e-3
+
+
+def test_shipped_head_operating_point_holds_on_the_test_split(toy):
+    cal = toy.head.meta["training"]["calibration"]
+    assert cal["distinct_questions"] >= 150  # chosen on a validation split of distinct questions
+    test = cal["test_split"]
+    name = toy.head.meta["default_operating_point"]
+    assert test[name]["accuracy"] >= test["no_exit"]["accuracy"] - 0.01  # on the other half of the questions
+    assert test[name]["think_tokens"] <= 0.6 * test["no_exit"]["think_tokens"]
