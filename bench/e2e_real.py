@@ -262,7 +262,7 @@ def contenders(model, tok, lists, names, new: int, sampling: str, K: int, layers
     def vllm():
         reply = peer.generate(lists, new, sampling)
         return {"tokens": sum(map(len, reply["tokens"])), "target_forwards": math.nan, "accepted": math.nan,
-                "compile": 0.0, "out": reply["tokens"]}
+                "compile": 0.0, "out": reply["tokens"], "peer_cpu_s": reply.get("cpu_seconds", math.nan)}
 
     fns = {}
     for name in names:
@@ -288,7 +288,7 @@ def bench_point(model, tok, dtype: str, sampling: str, workload: str, B: int, ar
     names = [n for n in args.contenders if not (workload == "copy" and n in ("compiled", "vllm"))]
     fns = contenders(model, tok, lists, names, args.new, sampling, args.K, args.layers, peer)
     results: dict[str, list[dict]] = {n: [] for n in fns}
-    timed = {n: (lambda n=n, f=f: results[n].append(f())) for n, f in fns.items()}
+    timed = {n: (lambda n=n, f=f: results[n].append(_with_cpu(f))) for n, f in fns.items()}
     read_bw = read_bandwidth(torch.device("cpu"), 128)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -296,6 +296,11 @@ def bench_point(model, tok, dtype: str, sampling: str, workload: str, B: int, ar
     floor_s = weight_bytes(model) / read_bw  # one read of the weights per step
     base = statistics.median(times["hf"]) if "hf" in times else math.nan
     eager = statistics.median(times["eager"]) if "eager" in times else math.nan
+    # CPU seconds of each timed call (the warm-up's dropped): on a machine shared with other work the
+    # wall clock mostly measures the others, the CPU time what the call itself cost.
+    cpu = {n: [r["cpu_s"] for r in results[n][-len(ts):]] for n, ts in times.items()}
+    base_cpu = statistics.median(cpu["hf"]) if "hf" in cpu else math.nan
+    eager_cpu = statistics.median(cpu["eager"]) if "eager" in cpu else math.nan
     hf_out = results["hf"][0]["out"] if "hf" in results else None
     rows = []
     for name, ts in times.items():
@@ -307,6 +312,8 @@ def bench_point(model, tok, dtype: str, sampling: str, workload: str, B: int, ar
             "dtype": dtype, "sampling": sampling, "workload": workload, "batch": B, "contender": name,
             "new_tokens": args.new, "times_us": ts, "median_us": med, "tokens_per_s": tps,
             "vs_hf": base / med, "vs_eager": eager / med,
+            "cpu_s": cpu[name], "median_cpu_s": statistics.median(cpu[name]),
+            "vs_hf_cpu": base_cpu / statistics.median(cpu[name]), "vs_eager_cpu": eager_cpu / statistics.median(cpu[name]),
             "target_forwards_per_token": last["target_forwards"] / args.new,
             "accepted_per_step": last["accepted"], "compile_s": r0["compile"],
             "floor_tokens_per_s": floor_tps, "floor_fraction": tps / floor_tps,
@@ -314,8 +321,18 @@ def bench_point(model, tok, dtype: str, sampling: str, workload: str, B: int, ar
             "read_bandwidth_GBps": read_bw / 1e9, "load_average": [load0, os.getloadavg()[0]],
         })
     print(f"{dtype} {sampling} {workload} B={B} ({time.perf_counter() - t0:.0f} s, load {load0:.1f}): "
-          + "  ".join(f"{r['contender']} {r['tokens_per_s']:.1f} tok/s ({r['vs_hf']:.2f}x)" for r in rows), flush=True)
+          + "  ".join(f"{r['contender']} {r['tokens_per_s']:.1f} tok/s ({r['vs_hf']:.2f}x, cpu {r['vs_hf_cpu']:.2f}x)"
+                      for r in rows), flush=True)
     return rows
+
+
+def _with_cpu(fn) -> dict:
+    """``fn()``'s result with ``cpu_s``: the CPU seconds it cost this process (all its threads), plus
+    those a peer process reports for the call (``peer_cpu_s``, vLLM's)."""
+    c0 = time.process_time()
+    res = fn()
+    res["cpu_s"] = time.process_time() - c0 + res.pop("peer_cpu_s", 0.0)
+    return res
 
 
 def points(args) -> list[tuple[str, str, str, int]]:
@@ -347,15 +364,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "",
              "floor = tokens/s if every step read the weights once at the read bandwidth measured before the point "
              "(batch / (weight bytes / bandwidth)); a draft emits several tokens per step, so it can pass 1.",
-             "", "| dtype | sampling | workload | batch | contender | tokens/s | vs hf | vs eager | target fwd / token "
-             "| accepted / step | floor tok/s | of floor | same as hf | compile s | load |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|"]
+             "", "vs hf and vs eager: ratios of wall-clock medians; (cpu): ratios of the medians of the CPU time each "
+             "call cost (its process's, all threads, plus the vLLM peer's own), the steadier figure on a shared machine.",
+             "", "| dtype | sampling | workload | batch | contender | tokens/s | vs hf | vs hf (cpu) | vs eager "
+             "| vs eager (cpu) | target fwd / token | accepted / step | floor tok/s | of floor | same as hf | compile s "
+             "| load |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|"]
     for r in rows:
         acc = "-" if r["accepted_per_step"] is None or math.isnan(r["accepted_per_step"]) else f"{r['accepted_per_step']:.2f}"
         fwd = "-" if math.isnan(r["target_forwards_per_token"]) else f"{r['target_forwards_per_token']:.2f}"
         same = {None: "-", True: "yes", False: "no"}[r["same_tokens_as_hf"]]
         lines.append(f"| {r['dtype']} | {r['sampling']} | {r['workload']} | {r['batch']} | {r['contender']} | "
-                     f"{r['tokens_per_s']:.1f} | {r['vs_hf']:.2f}x | {r['vs_eager']:.2f}x | {fwd} | {acc} | "
+                     f"{r['tokens_per_s']:.1f} | {r['vs_hf']:.2f}x | {r['vs_hf_cpu']:.2f}x | {r['vs_eager']:.2f}x | "
+                     f"{r['vs_eager_cpu']:.2f}x | {fwd} | {acc} | "
                      f"{r['floor_tokens_per_s']:.1f} | {r['floor_fraction']:.2f} | {same} | {r['compile_s']:.1f} | "
                      f"{r['load_average'][0]:.1f} |")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ one JSON object per line: the first line on stdin configures the engine
 it answers ``{"ready": true, "load_s": ..., "model": what it loaded, "gguf_error": why the GGUF was
 refused or null}``. Then each line is a request
 (``{"prompts": [[ids]], "new": n, "temperature": t, "top_p": p, "seed": s}``), answered with
-``{"seconds": ..., "tokens": [[ids]]}``; an empty line ends it. Nothing here is haltkit: this is
+``{"seconds": ..., "cpu_seconds": ... (this process's, all threads), "tokens": [[ids]]}``; an empty
+line ends it. Nothing here is haltkit: this is
 vLLM as a CPU user would run it (``LLM.generate``), EOS ignored so that every contender emits the
 same number of tokens.
 """
@@ -55,10 +56,11 @@ def main() -> int:
         params = [SamplingParams(max_tokens=req["new"], min_tokens=req["new"], ignore_eos=True,
                                  temperature=req["temperature"], top_p=req["top_p"], seed=req["seed"] + b)
                   for b in range(len(req["prompts"]))]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], params, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        print(json.dumps({"seconds": dt, "tokens": [list(o.outputs[0].token_ids) for o in outs]}), flush=True)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "tokens": [list(o.outputs[0].token_ids) for o in outs]}),
+              flush=True)
     return 0
 
 

@@ -152,7 +152,10 @@ def compiled_runner(model: nn.Module, batch: int, capacity: int, layers: int | N
     """The pooled compiled runner of ``model`` (or of its first ``layers`` layers, an early-layer
     draft that brings the target's cache) for this batch bucket and capacity."""
     runners = _POOL.setdefault(model, {})
-    key = (batch, capacity, layers)
+    # The model's dtype and device are part of the key: a model converted in place after a compiled
+    # call (model.to(torch.bfloat16)) gets caches of its new dtype, never the old buffers.
+    p = next(model.parameters())
+    key = (batch, capacity, layers, p.dtype, p.device)
     if key not in runners:
         runners[key] = CompiledRunner(model, batch, capacity, layers)
     return runners[key]
