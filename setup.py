@@ -113,6 +113,9 @@ setup(
         # bench/e2e_real.py loads SmolLM2's GGUF weights through transformers (gguf, accelerate).
         "toy": ["transformers>=4.56", "matplotlib"],
         "bench": ["transformers>=4.56", "matplotlib", "gguf", "accelerate"],
+        # train-head / eval-exits --reasoning-gym DATASET (Apache-2.0, offline generators; about 70 MB and
+        # 2 min to install on 2 cores, so CI leaves it out and its test skips there).
+        "reasoning-gym": ["reasoning-gym>=0.1.25,<0.2"],
     },
     entry_points={"console_scripts": ["haltkit=haltkit.cli:main"]},
     # haltkit._cuda_emu: the CUDA kernels' sources over a host emulation, which the tests run on

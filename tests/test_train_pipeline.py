@@ -338,3 +338,35 @@ def test_eval_exits_replay_equals_generate_and_writes_the_frontier(tmp_path):
     kinds = {r["kind"] for r in out["rows"]}
     assert kinds == {"no_exit", "head", "budget", "oracle"} and "level 3" in out["per_level"]
     assert (tmp_path / "eval" / "eval_exits.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- reasoning-gym (optional extra)
+
+
+def test_reasoning_gym_missing_says_how_to_install(monkeypatch):
+    from haltkit.tasks import ReasoningGymTask
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'haltkit\[reasoning-gym\]'"):
+        ReasoningGymTask("basic_arithmetic", 4)
+
+
+def test_reasoning_gym_task_is_scored_by_the_packages_scorer_offline(monkeypatch):
+    pytest.importorskip("reasoning_gym", reason="the reasoning-gym extra is not installed (CI leaves it out)")
+    import socket
+
+    from haltkit.tasks import ReasoningGymTask
+
+    def no_network(*a, **k):
+        raise AssertionError("reasoning-gym tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    task = ReasoningGymTask("basic_arithmetic", 6, seed=3)
+    again = ReasoningGymTask("basic_arithmetic", 6, seed=3)
+    assert [p.question for p in task.problems] == [p.question for p in again.problems]  # seeded
+    for p in task.problems:
+        assert task.verify(p, p.answer) == 1.0
+        assert task.verify(p, f"{p.answer}1") < 1.0  # another number is wrong
+    assert task.task_id()["reasoning_gym"] == "basic_arithmetic"
+    with pytest.raises(ValueError, match="no dataset 'basic_arithmetc'; did you mean 'basic_arithmetic'"):
+        ReasoningGymTask("basic_arithmetc", 2)

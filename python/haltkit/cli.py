@@ -64,15 +64,22 @@ def _train_toy(args: argparse.Namespace) -> int:
 
 
 def _task_and_problems(args: argparse.Namespace, held_out: bool = False):
-    """The task, its problems and the manifest's name for it, from ``--jsonl`` or the chain sums."""
-    from .tasks import ChainSum, JsonlTask
+    """The task, its problems and the manifest's name for it, from ``--jsonl``, ``--reasoning-gym``
+    or the chain sums."""
+    from .tasks import ChainSum, JsonlTask, ReasoningGymTask
     from .train.head import sample_problems
     from .train.pipeline import file_hash
 
+    if args.jsonl and args.reasoning_gym:
+        raise ValueError(f"--jsonl {args.jsonl} and --reasoning-gym {args.reasoning_gym}: give one task source")
     if args.jsonl:
         task = JsonlTask(args.jsonl, args.verifier)
         problems = task.problems[: args.prompts] if args.prompts else task.problems
         return task, problems, {"file": file_hash(args.jsonl), "verifier": args.verifier}
+    if args.reasoning_gym:
+        # Held-out problems for eval-exits come from another seed of the generator.
+        task = ReasoningGymTask(args.reasoning_gym, args.prompts or 1000, args.seed + (1_000_003 if held_out else 0))
+        return task, task.problems, task.task_id()
     task = ChainSum()
     problems = sample_problems(task, args.prompts or 1000, args.seed, held_out=held_out)
     return task, problems, {"builtin": "chain_sum", "seed": args.seed, "held_out": held_out}
@@ -86,7 +93,7 @@ def _conventions(args: argparse.Namespace) -> dict:
             out[name] = v.encode().decode("unicode_escape")  # "\n\n" on a command line means two newlines
     if args.eos_id:
         out["eos_ids"] = tuple(args.eos_id)
-    if not args.jsonl and args.chat_template == "auto":  # the built-in chain sums: the toy's layout
+    if not args.jsonl and not args.reasoning_gym and args.chat_template == "auto":  # the built-in chain sums
         from .train.toy import TOY_CHAT_TEMPLATE
 
         out["chat_template"] = TOY_CHAT_TEMPLATE
@@ -148,6 +155,9 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--jsonl", default=None, help="a JSONL task file: {prompt|messages, answer, level?} per line "
                    "(default: the built-in chain sums)")
+    p.add_argument("--reasoning-gym", default=None, metavar="DATASET",
+                   help="a reasoning-gym dataset (pip install 'haltkit[reasoning-gym]'), scored by its own scorer; "
+                   "--prompts entries from --seed (eval-exits: another seed)")
     p.add_argument("--verifier", default="numeric",
                    help=f"one of {', '.join(VERIFIERS)}, or module:function (a callable (answer, problem) -> score)")
     p.add_argument("--prompts", type=int, default=None, help="use the first N problems (chain sums: how many)")
