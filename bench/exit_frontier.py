@@ -327,7 +327,8 @@ def main(argv=None) -> int:
         "validation_queries": len(val_rs), "validation_distinct_questions": len({r.problem.question for r in val_rs}),
         "level_counts": {"validation": level_counts(val_rs), "test": level_counts(rs)},
         "operating_point_on_validation": star_val, "calibration": {k: v for k, v in ops.items()},
-        "chosen_on_validation": {k: strip(v) for k, v in chosen.items()}, "per_level": args.per_level, "seed": args.seed, "max_think": args.max_think,
+        "chosen_on_validation": {k: strip(v) for k, v in chosen.items()}, "per_level": args.per_level,
+        "seed": args.seed, "max_think": args.max_think,
         "rollout_seconds": t_roll, "natural_vs_forced_final_agree": sum(
             task.verify(r.problem, r.natural_answer) == float(r.reward[-1]) for r in rs) / len(rs),
         "a": strip(a), "o": strip(o), "b": [strip(p) for p in b], "c": [strip(p) for p in c],

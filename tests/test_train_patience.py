@@ -71,7 +71,8 @@ def ep_cli_generate(head, explicit, tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "m")
     head.save(tmp_path / "h.safetensors")
     seen = _spy(monkeypatch, haltkit, "generate", lambda *a, exit, **k: _policy_patience(exit))
-    argv = ["generate", "--model", str(tmp_path / "m"), "--prompt", "1+2", "--value-head", str(tmp_path / "h.safetensors")]
+    argv = ["generate", "--model", str(tmp_path / "m"), "--prompt", "1+2",
+            "--value-head", str(tmp_path / "h.safetensors")]
     with pytest.raises(Captured):
         main(argv + (["--patience", str(explicit)] if explicit else []))
     return seen[0]
@@ -113,8 +114,9 @@ def ep_eval_exits(head, explicit, tmp_path, monkeypatch):
     assert explicit is None  # eval-exits evaluates the head as it is
     model, tok = tiny_llama(seed=5), char_fast(tmp_path)
     head.save(tmp_path / "h.safetensors")
-    eval_exits(str(tmp_path), str(tmp_path / "h.safetensors"), type("T", (), {"verify": staticmethod(lambda p, a: 0.0)}),
-               [Problem("1+2", "3")], str(tmp_path / "eval"), progress=False, model_and_tokenizer=(model, tok))
+    never_right = type("T", (), {"verify": staticmethod(lambda p, a: 0.0)})
+    eval_exits(str(tmp_path), str(tmp_path / "h.safetensors"), never_right, [Problem("1+2", "3")],
+               str(tmp_path / "eval"), progress=False, model_and_tokenizer=(model, tok))
     return json.loads((tmp_path / "eval" / "eval_exits.json").read_text())["patience"]
 
 

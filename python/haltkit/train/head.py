@@ -43,7 +43,8 @@ from .rollouts import Rollout
 __all__ = [
     "HeadTrainConfig", "smooth_returns", "marginal_values", "build_examples", "train_head", "auroc", "reliability",
     "sample_problems", "run_train_head", "split_of", "head_values", "exit_steps", "simulate_exits", "baselines",
-    "calibrate", "quality_gate", "PATIENCES", "PRICE_MARGIN", "CONFIDENCE_Z", "set_operating_points", "load_model", "head_meta", "calibrate_head_file",
+    "calibrate", "quality_gate", "PATIENCES", "PRICE_MARGIN", "CONFIDENCE_Z", "set_operating_points", "load_model",
+    "head_meta", "calibrate_head_file",
 ]
 
 
