@@ -141,7 +141,7 @@ def exits(haltkit_llm, toy, count: int, lams: list[float | None], budget: int) -
     end = toy.tokenizer.end_think_id
     rows = []
     for lam in lams:
-        pol = toy.exit_policy(cost_of_time=lam, thinking_budget=budget, patience=2)
+        pol = toy.exit_policy(cost_of_time=lam, thinking_budget=budget)  # the head's calibrated patience
         extra = {"thinking_budget": pol.thinking_budget, "patience": pol.patience, "exit_tokens": list(pol.exit_tokens)}
         if lam is not None:
             extra["cost_of_time"] = lam
@@ -156,7 +156,7 @@ def exits(haltkit_llm, toy, count: int, lams: list[float | None], budget: int) -
             total.append(len(toks))
             correct.append(task.verify(prob, parse_answer(toy.tokenizer.decode(toks))))
         rows.append({"label": "(a) no exit" if lam is None else "(e) value head", "cost_of_time": lam,
-                     "patience": 2, "thinking_budget": budget, "accuracy": statistics.mean(correct),
+                     "patience": pol.patience, "thinking_budget": budget, "accuracy": statistics.mean(correct),
                      "think": statistics.mean(think), "tokens": statistics.mean(total), "seconds": dt})
     return rows
 
@@ -200,8 +200,8 @@ def spec_serving(target: str, head: str, toy, count: int, lam: float, budget: in
     prompts = [prompt_text(p) for p in problems]
     end = toy.tokenizer.end_think_id
     kw = dict(ENGINE_KW)
-    pol = toy.exit_policy(cost_of_time=lam, thinking_budget=budget, patience=2)
-    exits = {"cost_of_time": lam, "patience": 2, "thinking_budget": budget, "exit_tokens": list(pol.exit_tokens)}
+    pol = toy.exit_policy(cost_of_time=lam, thinking_budget=budget)  # the head's calibrated patience
+    exits = {"cost_of_time": lam, "patience": pol.patience, "thinking_budget": budget, "exit_tokens": list(pol.exit_tokens)}
     engines = {}
     for drafts in (False, True):
         spec = {"speculative_config": NGRAM} if drafts else {}
@@ -270,7 +270,7 @@ def _spec_rounds(engines, prompts, problems, task, toy, pol, exits, end, budget,
         rows.append({"run": name, "ngram": drafts, "requests_per_s": count / med, "median_s": med,
                      "seconds": times[(name, drafts)], **x,
                      "accepted_per_draft_step": x["accepted"] / x["draft_steps"] if x["draft_steps"] else None})
-    return {"queries": count, "cost_of_time": lam, "patience": 2, "thinking_budget": budget,
+    return {"queries": count, "cost_of_time": lam, "patience": pol.patience, "thinking_budget": budget,
             "vllm_thinking_token_budget": vllm_budget, "rounds": rounds, "speculative_config": NGRAM, "rows": rows}
 
 
@@ -332,7 +332,7 @@ def markdown(r: dict) -> str:
     L += ["", "Load from other jobs on the shared 2 cores can move identical workloads by more than the "
           "processor costs, so these ratios are a check, not the measurement: the per-step table above is.", "",
           f"## Value exits through vLLM ({r['exit_queries']} held-out chain sums, thinking budget "
-          f"{r['exit_rows'][0]['thinking_budget']}, patience 2)", "",
+          f"{r['exit_rows'][0]['thinking_budget']}, patience {r['exit_rows'][0]['patience']})", "",
           "| rule | setting | accuracy | think | tokens |", "|---|---|---|---|---|"]
     for p in r["exit_rows"]:
         setting = "-" if p["cost_of_time"] is None else f"lambda={p['cost_of_time']}"
