@@ -370,3 +370,14 @@ def test_reasoning_gym_task_is_scored_by_the_packages_scorer_offline(monkeypatch
     assert task.task_id()["reasoning_gym"] == "basic_arithmetic"
     with pytest.raises(ValueError, match="no dataset 'basic_arithmetc'; did you mean 'basic_arithmetic'"):
         ReasoningGymTask("basic_arithmetc", 2)
+    # The CLI's task source: --prompts entries from --seed; eval-exits (held out) from another seed.
+    import argparse
+
+    from haltkit.cli import _conventions, _task_and_problems
+
+    args = argparse.Namespace(jsonl=None, reasoning_gym="basic_arithmetic", prompts=6, seed=3, verifier="numeric",
+                              chat_template="auto", think_open=None, think_close=None, exit_text=None, eos_id=None)
+    cli_task, problems, task_id = _task_and_problems(args)
+    assert [p.question for p in problems] == [p.question for p in task.problems] and task_id["seed"] == 3
+    assert _task_and_problems(args, held_out=True)[2]["seed"] != 3
+    assert _conventions(args) == {"chat_template": "auto"}  # the model's own template, not the toy's
