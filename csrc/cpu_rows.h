@@ -91,6 +91,28 @@ inline __m512 exp16_mass(__m512 z) {
 }
 #endif
 
+// exp(d) for d <= 0, for a softmax total (the top-p target's, a greedy row's mass): 2^t for t = d log2 e as 2^n times a degree-5
+// polynomial in f = t - n on [-1/2, 1/2] (exp16_mass's coefficients with the constant term 1, so
+// exp(0) is exactly 1 and the max's own term is exact), t clamped at -126 (the row's total is at
+// least 1, and the clamp adds under V * 2^-126). Within 3e-7 relative of exp; about half of
+// exp_f's operations, which is the top-p pass's cost.
+inline float exp_total(float d) {
+  float t = d * kLog2e;
+  t = t < -126.0f ? -126.0f : t;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: t + shifter rounds t to an integer
+  const float ts = t + shifter;
+  const float nf = ts - shifter;
+  const int32_t n = static_cast<int32_t>(float_bits(ts) - float_bits(shifter));
+  const float f = t - nf;
+  float p = 1.32764e-3f;
+  p = p * f + 9.67551e-3f;
+  p = p * f + 5.550713e-2f;
+  p = p * f + 0.2402212f;
+  p = p * f + 0.69314697f;
+  p = p * f + 1.0f;
+  return p * bits_float(static_cast<uint32_t>(n + 127) << 23);
+}
+
 // sum of exp(z_j) over j < n with z_j >= tau.
 inline float kept_mass_sum(const float* z, int64_t n, float tau) {
   float acc = 0.0f;
@@ -461,7 +483,7 @@ GreedyScan greedy_scan(const void* row, int64_t V) {
     if (max_is_bad(m)) continue;  // nothing finite yet, or a bad row
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n; ++j) acc += exp_f(ld<DT>(row, base + j) - m);
+    for (int64_t j = 0; j < n; ++j) acc += exp_total(ld<DT>(row, base + j) - m);
     mass += acc;
   }
   GreedyScan g{RowScan{m, max_is_bad(m)}, -1, mass};
@@ -653,28 +675,6 @@ struct Candidates {
 Candidates& candidates() {
   static thread_local Candidates c;
   return c;
-}
-
-// exp(d) for d <= 0, for the top-p total only: 2^t for t = d log2 e as 2^n times a degree-5
-// polynomial in f = t - n on [-1/2, 1/2] (exp16_mass's coefficients with the constant term 1, so
-// exp(0) is exactly 1 and the max's own term is exact), t clamped at -126 (the row's total is at
-// least 1, and the clamp adds under V * 2^-126). Within 3e-7 relative of exp; about half of
-// exp_f's operations, which is the top-p pass's cost.
-inline float exp_total(float d) {
-  float t = d * kLog2e;
-  t = t < -126.0f ? -126.0f : t;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: t + shifter rounds t to an integer
-  const float ts = t + shifter;
-  const float nf = ts - shifter;
-  const int32_t n = static_cast<int32_t>(float_bits(ts) - float_bits(shifter));
-  const float f = t - nf;
-  float p = 1.32764e-3f;
-  p = p * f + 9.67551e-3f;
-  p = p * f + 5.550713e-2f;
-  p = p * f + 0.2402212f;
-  p = p * f + 0.69314697f;
-  p = p * f + 1.0f;
-  return p * bits_float(static_cast<uint32_t>(n + 127) << 23);
 }
 
 // Row check, max and chunk maxima (into s.vals, one per chunk of kChunk tokens) in one pass; with
