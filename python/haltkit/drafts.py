@@ -86,14 +86,14 @@ class DraftLengthPolicy:
 
     The cost model. ``T(w)`` is the wall time of one step of width ``w`` (``w`` drafted tokens per
     row; ``w = 0`` is a plain decode step with no draft work), measured host sync to host sync (the
-    median of the width's last 5 steps), so
+    median of the width's last 5 steps; CPU time of the process on a CPU, wall time on a GPU), so
     it holds the draft's own cost, the wider verification forward and the bookkeeping; compile
     time is left out. ``T(w) - T(0)`` is what drafting costs: the draft's forwards plus the extra
     verified positions. An unmeasured width between measured ones is interpolated linearly; past
     the widest measured one ``wm`` it is extrapolated with the measured cost per drafted token
     ``(T(wm) - T(0)) / wm`` (draft plus verification, per token), before any drafting step is
-    measured with a prior: 0.25 of a plain step per token for a model draft, 0.05 for prompt
-    lookup (verification only). Each sequence keeps an estimate
+    measured with a prior: 0.25 of a plain step per token for a model draft, 0.15 for prompt
+    lookup (verification only; a shadow pass or two must not start drafting on chat). Each sequence keeps an estimate
     ``a_b`` of the chance that a drafted token is accepted (accepted and rejected counts decayed by
     0.9 per observation, prior 0.3 of weight 2, so that a row that never passes settles at 0.05):
     a draft of ``w`` tokens then yields
@@ -122,7 +122,7 @@ class DraftLengthPolicy:
 
     PRIOR, PRIOR_WEIGHT, DECAY = 0.3, 2.0, 0.9
     MARGIN, EXPLORE_MARGIN, WARMUP = 1.1, 1.1, 3
-    PROBE_BUDGET, PROBE_PRIOR, SHADOW_TOKEN_PRIOR, MAX_GAP, MIN_GAP = 0.02, 0.25, 0.05, 64, 4
+    PROBE_BUDGET, PROBE_PRIOR, SHADOW_TOKEN_PRIOR, MAX_GAP, MIN_GAP = 0.02, 0.25, 0.15, 64, 4
 
     def __init__(self, max_len: int, batch: int, device: torch.device, compile: bool, shadow: bool) -> None:
         self.K, self.shadow = max_len, shadow
@@ -134,6 +134,11 @@ class DraftLengthPolicy:
         self._samples: dict[int, list[float]] = {}
         self._last: tuple[int, float, float] | None = None
         self._compile = compile
+        # On a CPU the process's CPU time is what a step costs it: other work on a shared machine
+        # stretches the wall clock of any step at random. A GPU's steps (and compiles) run on the
+        # wall clock.
+        cpu = torch.device(device).type == "cpu" and not compile
+        self._clock = time.process_time if cpu else time.perf_counter
         z = dict(dtype=torch.float32, device=device)
         self.accepted = torch.zeros(batch, **z)  # decayed counts of accepted / rejected draft tokens
         self.rejected = torch.zeros(batch, **z)
@@ -158,7 +163,7 @@ class DraftLengthPolicy:
     def tick(self, width: int) -> None:
         """Called right after the step's host sync, with the width of the step about to run:
         the time since the previous call is that of the previous step."""
-        now = time.perf_counter()
+        now = self._clock()
         comp = _compile_seconds() if self._compile else 0.0
         if self._last is not None:
             w, t0, c0 = self._last
