@@ -64,15 +64,23 @@ def test_engine_args_check_the_head_file_before_any_engine_starts(tmp_path):
         engine_args(value_head=tmp_path / "other.safetensors")
 
 
-def test_a_server_with_speculative_decoding_is_refused_where_vllm_runs_its_v1_runner(monkeypatch):
+def test_drafts_on_the_v1_runner_name_haltkits_worker_extension_and_only_there(monkeypatch):
     spec = {"method": "ngram", "num_speculative_tokens": 3}
+    ext = haltkit.vllm.WORKER_EXTENSION
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    with pytest.raises(ValueError, match="speculative_config: vLLM's V1 model runner refuses"):
-        server_args(speculative_config=spec)
-    assert server_args()[:2] == ["--logits-processors", haltkit.vllm.PROCESSOR]
+    assert engine_args(speculative_config=spec)["worker_extension_cls"] == ext
+    assert server_args(speculative_config=spec)[-2:] == ["--worker-extension-cls", ext]
+    # Without drafts, or on Model Runner V2 (which takes custom processors with drafts), no extension.
+    assert "worker_extension_cls" not in engine_args()
+    assert "--worker-extension-cls" not in server_args()
+    with pytest.raises(ValueError, match="worker_extension_cls: 'my.mod:Ext' is set"):
+        engine_args(speculative_config=spec, worker_extension_cls="my.mod:Ext")
+    with pytest.raises(ValueError, match="worker_extension_cls: 'my.mod:Ext' is set"):
+        server_args(speculative_config=spec, worker_extension_cls="my.mod:Ext")
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert engine_args(speculative_config=spec)["speculative_config"] == spec
+    assert "worker_extension_cls" not in engine_args(speculative_config=spec)
     assert server_args(speculative_config=spec)[:2] == ["--logits-processors", haltkit.vllm.PROCESSOR]
+    assert "--worker-extension-cls" not in server_args(speculative_config=spec)
 
 
 def test_the_processor_implements_both_of_vllms_interfaces():

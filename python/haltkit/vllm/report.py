@@ -109,8 +109,10 @@ def rows_of(processor) -> dict[int, list[int]]:
     return dict(zip(slots, rows.tolist()))
 
 
-def report_from_rows(params, rows: list[int], output_token_ids) -> dict | None:
-    """The report from rows sent by :func:`rows_of` (host side, in the scheduler's process)."""
+def report_from_rows(params, rows: list[int] | dict, output_token_ids) -> dict | None:
+    """The report from rows sent by :func:`rows_of` (a list: the V1 processor's state then plan)
+    or by :meth:`haltkit.vllm.spec_v1.DraftRows.rows` (a dict: ``n_seen`` and one such list per
+    draft depth), made host side in the scheduler's process."""
     from .processor import _stop_ids
     from . import exit_policy_from_args
     from ..params import SamplingParams, pack_requests
@@ -118,12 +120,18 @@ def report_from_rows(params, rows: list[int], output_token_ids) -> dict | None:
     policy = exit_policy_from_args(params.extra_args, params.max_tokens, _stop_ids(params))
     if policy is None or not output_token_ids:
         return None
+    token = int(output_token_ids[-1])
+    if isinstance(rows, dict):
+        # As ValueExitLogitsProcessorV2.report: g tokens arrived since the last plan; the chain
+        # row at depth g - 1 holds the state before the last of them and the plan awaiting it.
+        g = len(output_token_ids) - int(rows["n_seen"])
+        rows, token = rows["rows"][min(max(g - 1, 0), len(rows["rows"]) - 1)], token if g >= 1 else -1
     ids = [*policy.eos_token_ids, *policy.exit_tokens, 0]
     req = pack_requests(SamplingParams(), [policy], max(ids) + 1)
     n = len(rows) - rows_plan_words()
     state = DecodeState(*(torch.tensor([v], dtype=torch.int32) for v in rows[:n]))
     plan = torch.tensor([rows[n:]], dtype=torch.int32)
-    return report_of_row(req, state, plan, int(output_token_ids[-1]), len(output_token_ids))
+    return report_of_row(req, state, plan, token, len(output_token_ids))
 
 
 def rows_plan_words() -> int:
@@ -175,7 +183,8 @@ def install_report_hooks() -> None:
                 procs = self.input_batch.logitsprocs.all
                 for proc in procs() if callable(procs) else procs:
                     if hasattr(proc, "report") and hasattr(proc, "plan"):
-                        rows = rows_of(proc)
+                        draft = getattr(proc, "draft_rows", None)
+                        rows = rows_of(proc) if draft is None else draft.rows()
                         if rows:
                             ids = self.input_batch.req_ids
                             out.haltkit_rows = StepRows({ids[i]: r for i, r in rows.items() if i < len(ids)})

