@@ -201,6 +201,26 @@ def admit(policy: ExitPolicy, vocab_size: int, head) -> tuple[ExitPolicy, Reason
     return policy, Reason.NONE
 
 
+def put_requests(req: RequestBatch, slots: list[int], rows: RequestBatch) -> None:
+    """Write the packed requests ``rows`` into the per-slot ``req`` at ``slots`` (both processors).
+
+    Args:
+        req: the processor's slot storage ([M] / [M, E] per field), updated in place; a 2-D
+            field (EOS / exit-token ids, -1 padded) is widened first where ``rows``' is wider.
+        slots: len(slots) == rows' batch size, distinct slot indices.
+        rows: :func:`haltkit.params.pack_requests` of the new requests' policies.
+    """
+    idx = torch.tensor(slots, device=getattr(req, fields(RequestBatch)[0].name).device)
+    for f in fields(RequestBatch):
+        dst, src = getattr(req, f.name), getattr(rows, f.name)
+        if src.dim() == 2:
+            if src.shape[1] > dst.shape[1]:  # a longer EOS / exit-token list
+                dst = torch.nn.functional.pad(dst, (0, src.shape[1] - dst.shape[1]), value=-1)
+                setattr(req, f.name, dst)
+            src = torch.nn.functional.pad(src, (0, dst.shape[1] - src.shape[1]), value=-1)
+        dst.index_copy_(0, idx, src)
+
+
 def halt_token_of(params: VllmSamplingParams, vocab_size: int) -> int:
     """The token a request that must finish without one of its own is forced: its EOS, else its
     first stop token (-1: none)."""
@@ -399,16 +419,8 @@ class ValueExitLogitsProcessor(LogitsProcessor, LogitsProcessorV2):
         self.active.index_fill_(0, idx, True)
 
     def _put_requests(self, slots: list[int], policies: list[ExitPolicy]) -> None:
-        rows = pack_requests(SamplingParams(seed=0), policies, self.vocab_size, device=self.device)
-        idx = torch.tensor(slots, device=self.device)
-        for f in fields(RequestBatch):
-            dst, src = getattr(self.req, f.name), getattr(rows, f.name)
-            if src.dim() == 2:
-                if src.shape[1] > dst.shape[1]:  # a longer EOS / exit-token list
-                    dst = torch.nn.functional.pad(dst, (0, src.shape[1] - dst.shape[1]), value=-1)
-                    setattr(self.req, f.name, dst)
-                src = torch.nn.functional.pad(src, (0, dst.shape[1] - src.shape[1]), value=-1)
-            dst.index_copy_(0, idx, src)
+        put_requests(self.req, slots, pack_requests(SamplingParams(seed=0), policies, self.vocab_size,
+                                                    device=self.device))
 
     def _move(self, moves) -> None:
         # Compose the moves into one gather; None marks a slot a one-way move left empty.

@@ -29,18 +29,18 @@ among its request's rows. Everything below therefore runs on the device, with no
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from vllm.sampling_params import SamplingParams as VllmSamplingParams
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor, LogitsProcRequestState
 
-from ..params import ExitPolicy, RequestBatch, SamplingParams, pack_requests
+from ..params import ExitPolicy, SamplingParams, pack_requests
 from ..reference.termination import PLAN_WORDS
 from ..state import DecodeState
 from .report import register, report_of_row
 from .processor import _CAPTURE, admit, engine_settings, halt_token_of, install_hidden_state_capture, logger, \
-    may_halt, request_policy
+    may_halt, put_requests, request_policy
 
 __all__ = ["ValueExitLogitsProcessorV2"]
 
@@ -217,16 +217,7 @@ class ValueExitLogitsProcessorV2(LogitsProcessor):
                 t[i * D:(i + 1) * D] = v
 
     def _put_requests(self, slots: list[int], policies: list[ExitPolicy]) -> None:
-        rows = pack_requests(SamplingParams(), policies, self.vocab_size, device=self.device)
-        idx = torch.tensor(slots, device=self.device)
-        for f in fields(RequestBatch):
-            dst, src = getattr(self.req, f.name), getattr(rows, f.name)
-            if src.dim() == 2:
-                if src.shape[1] > dst.shape[1]:  # a longer EOS / exit-token list
-                    dst = torch.nn.functional.pad(dst, (0, src.shape[1] - dst.shape[1]), value=-1)
-                    setattr(self.req, f.name, dst)
-                src = torch.nn.functional.pad(src, (0, dst.shape[1] - src.shape[1]), value=-1)
-            dst.index_copy_(0, idx, src)
+        put_requests(self.req, slots, pack_requests(SamplingParams(), policies, self.vocab_size, device=self.device))
 
     # ---- the step ---------------------------------------------------------------------------
 
