@@ -31,8 +31,12 @@ the fraction of it reached, whether the greedy tokens equal Hugging Face's, and 
 (paid in the untimed warm-up repetition, reported separately). Writes
 ``bench/results/e2e_real.{json,md,png}``.
 
-The default run takes about 10 minutes on 2 busy cores; ``--dtypes``, ``--batch``,
-``--sampling``, ``--workloads`` and ``--contenders`` select subsets. ``--toy`` runs the same
+Cost on the shared 2 cores (load 8-16, 2026-12-03): ``--contenders hf eager --new 16`` over fp32 and
+bf16, batch 1/4/16, greedy and top-p (default grid, 9 points) took 28 minutes; bf16 runs ~3x slower
+than fp32 there (no native bf16 matmul on that CPU). ``compiled`` pays one compile per (dtype, batch
+bucket, capacity): 26 minutes cold for SmolLM2 fp32 batch 1 at load ~15 (mostly gcc), 82 s in a
+second process that finds torch's on-disk inductor cache (``TORCHINDUCTOR_CACHE_DIR``) warm.
+``--dtypes``, ``--batch``, ``--sampling``, ``--workloads`` and ``--contenders`` select subsets. ``--toy`` runs the same
 logic on the shipped toy model in seconds (tests use it).
 """
 

@@ -6,6 +6,14 @@ needs fixed shapes and fixed buffer addresses, so each bucket owns a pooled :cla
 whose KV-cache buffers are allocated once and reused by every later call (their addresses are
 marked static for the CUDA graph). Compaction copies the surviving rows into the next smaller
 bucket's buffers. ``clear()`` drops everything (models, buffers and compiled code).
+
+Across processes, torch's own on-disk caches carry the compiled code: inductor's FX-graph cache
+and the AOTAutograd cache (both on by default in torch >= 2.6) key each graph by its content and
+keep the generated C++ and its shared object under ``TORCHINDUCTOR_CACHE_DIR`` (default
+``/tmp/torchinductor_<user>``). A second process tracing the same step (same model, dtype, batch
+bucket and capacity) loads it instead of generating and compiling it again; only dynamo's trace
+is paid again. The capacity is rounded up to a multiple of 64 (``engine._capacity``), so calls of
+similar lengths share one compiled step; each new (bucket, capacity) compiles once.
 """
 
 from __future__ import annotations
