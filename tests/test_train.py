@@ -170,6 +170,7 @@ def test_head_trained_where_the_answer_completes_at_a_fixed_step_exits_there():
 # ---------------------------------------------------------------- rollouts and the pipeline
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")  # transformers 5.40 drops the old name
 def test_forced_answers_reusing_the_cache_equal_answers_decoded_from_scratch():
     model, tok = tiny_llama(seed=3), CharTokenizer()
     p = ChainSum().sample(random.Random(0), 3)
@@ -194,6 +195,7 @@ def test_forced_answers_reusing_the_cache_equal_answers_decoded_from_scratch():
         assert int(probe[i]) == len(out) + len(tok.exit_tokens)
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")  # transformers 5.40 drops the old name
 def test_think_greedy_records_the_hidden_state_the_head_reads():
     model, tok = tiny_llama(seed=4), CharTokenizer()
     problems = sample_problems(ChainSum(), 3, seed=0)  # prompts of different lengths: left padding

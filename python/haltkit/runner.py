@@ -28,7 +28,7 @@ import threading
 import torch
 from torch import nn
 
-__all__ = ["RaggedKVCache", "ModelRunner", "split_model", "model_dims", "bucket_size"]
+__all__ = ["RaggedKVCache", "ModelRunner", "split_model", "model_dims", "bucket_size", "cache_kwarg"]
 
 
 def bucket_size(n: int) -> int:
@@ -320,7 +320,7 @@ def _mask_kinds(config) -> dict[str, int | None]:
     return {"full_attention": window}
 
 
-def _cache_kwarg(fn) -> str:
+def cache_kwarg(fn) -> str:
     """The name under which ``fn`` takes the cache: ``cache`` (transformers >= 5.2x, where
     ``past_key_values`` is deprecated), else ``past_key_values``."""
     try:
@@ -361,7 +361,7 @@ class ModelRunner:
         self.batch, self.capacity = batch, capacity
         self.kinds = _mask_kinds(_text_config(model))
         self.transform = logit_transform(model) if self.head is not None else None
-        self.cache_kw = _cache_kwarg(self.body.forward if self.body is not None else model.forward)
+        self.cache_kw = cache_kwarg(self.body.forward if self.body is not None else model.forward)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.flash = self.device.type == "cuda" and self.body is not None and _flash_available()

@@ -111,7 +111,7 @@ def _hidden_and_cache(model, seqs: list[list[int]], capacity: int) -> tuple[Mode
     positions = torch.arange(L, device=dev)[None, :].expand(B, L)
     runner.cache.write_pos, runner.cache.view_len = positions, L
     if runner.body is not None:  # the body alone: no [B, L, V] logits for a large vocabulary
-        hidden = runner.body(input_ids=ids, position_ids=positions, past_key_values=runner.cache, use_cache=True,
+        hidden = runner.body(input_ids=ids, position_ids=positions, use_cache=True, **{runner.cache_kw: runner.cache},
                              attention_mask=runner._mask(positions, L)).last_hidden_state
     else:
         _, hidden = runner.forward_at(ids, positions)

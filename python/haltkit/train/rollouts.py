@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import DEFAULT_PATIENCE, DecodeState, ExitPolicy, Reason, SamplingParams, decode_step, pack_requests
-from ..runner import split_model
+from ..runner import cache_kwarg, split_model
 from ..tasks import Problem, parse_answer, prompt_text
 from ..tokenizer import CharTokenizer
 
@@ -71,7 +71,7 @@ def model_step(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, 
         (logits [B, V] float32, hidden [B, d] float32).
     """
     body, lm_head = _split(model)
-    out = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg(body.forward): cache})
     h = out.last_hidden_state[:, -1]
     return lm_head(h).float(), h.float()
 
@@ -174,7 +174,8 @@ def forced_answers(
     seq = torch.tensor(prompt_ids + think_ids.tolist(), dtype=torch.long)[None]
     P, L = len(prompt_ids), seq.shape[1]
     base = DynamicCache()
-    _split(model)[0](input_ids=seq, past_key_values=base, use_cache=True)
+    body = _split(model)[0]
+    body(input_ids=seq, use_cache=True, **{cache_kwarg(body.forward): base})
     exit_ids = torch.tensor(tok.exit_tokens, dtype=torch.long)
     texts, confs, probes = [], [], []
     for c0 in range(0, len(checkpoints), chunk):
