@@ -356,6 +356,11 @@ def points(args) -> list[tuple[str, str, str, int]]:
     return out
 
 
+def _x(ratio: float | None) -> str:
+    """A ratio as '1.23x', or '-' where its baseline was not among the contenders run."""
+    return "-" if ratio is None or math.isnan(ratio) else f"{ratio:.2f}x"
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     m = meta["machine"]
     lines = [f"# End-to-end decoding on real weights: {meta['model']}", "",
@@ -379,8 +384,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         fwd = "-" if math.isnan(r["target_forwards_per_token"]) else f"{r['target_forwards_per_token']:.2f}"
         same = {None: "-", True: "yes", False: "no"}[r["same_tokens_as_hf"]]
         lines.append(f"| {r['dtype']} | {r['sampling']} | {r['workload']} | {r['batch']} | {r['contender']} | "
-                     f"{r['tokens_per_s']:.1f} | {r['vs_hf']:.2f}x | {r['vs_hf_cpu']:.2f}x | {r['vs_eager']:.2f}x | "
-                     f"{r['vs_eager_cpu']:.2f}x | {fwd} | {acc} | "
+                     f"{r['tokens_per_s']:.1f} | {_x(r['vs_hf'])} | {_x(r['vs_hf_cpu'])} | {_x(r['vs_eager'])} | "
+                     f"{_x(r['vs_eager_cpu'])} | {fwd} | {acc} | "
                      f"{r['floor_tokens_per_s']:.1f} | {r['floor_fraction']:.2f} | {same} | {r['compile_s']:.1f} | "
                      f"{r['load_average'][0]:.1f} |")
     return "\n".join(lines) + "\n"
