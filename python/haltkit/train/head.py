@@ -522,14 +522,21 @@ def run_train_head(
     return metrics, 0 if gate["ok"] else 3
 
 
+def _operating_points(ops: dict) -> tuple[dict, str | None]:
+    """:func:`calibrate`'s result as a head stores it: (the points reached, by name; the default
+    one's name: "within_1pt", else "no_loss", else None when neither was reached)."""
+    points = {k: v for k, v in ops.items() if k not in ("no_exit", "rule")}
+    return points, "within_1pt" if "within_1pt" in points else "no_loss" if "no_loss" in points else None
+
+
 def head_meta(model, tok, conv, rc, ops: dict, fit: dict, training: dict, metrics: dict, name: str) -> dict:
     """The metadata a head file carries (see :meth:`haltkit.MarginalValueHead.exit_defaults`)."""
     from .conventions import model_identity, tokenizer_fingerprint
 
-    default_op = "within_1pt" if "within_1pt" in ops else "no_loss" if "no_loss" in ops else None
+    points, default_op = _operating_points(ops)
     return {"model": {**model_identity(model), "tokenizer": tokenizer_fingerprint(tok), "name": name},
             "conventions": conv.to_dict(), "thinking_budget": rc.max_think, "max_answer_tokens": rc.max_answer,
-            "operating_points": {k: v for k, v in ops.items() if k not in ("no_exit", "rule")},
+            "operating_points": points,
             "default_operating_point": default_op,
             "training": {**training, **({"calibration_rule": ops["rule"]} if "rule" in ops else {})},
             "metrics": metrics, "fit": fit}
@@ -576,11 +583,11 @@ def set_operating_points(head: MarginalValueHead, ops: dict, calibration: dict) 
     """
     if head.meta is None:
         raise ValueError("head.meta: a bare head has no metadata to carry operating points")
-    points = {k: v for k, v in ops.items() if k not in ("no_exit", "rule")}
+    points, default_op = _operating_points(ops)
     if not points:
         raise ValueError(f"ops: no operating point reached a floor on calibration ({sorted(ops)})")
     head.meta["operating_points"] = points
-    head.meta["default_operating_point"] = "within_1pt" if "within_1pt" in points else "no_loss"
+    head.meta["default_operating_point"] = default_op
     head.meta.setdefault("training", {})["calibration"] = calibration
     if "rule" in ops:
         head.meta["training"]["calibration_rule"] = ops["rule"]
