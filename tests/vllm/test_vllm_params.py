@@ -157,3 +157,31 @@ def test_an_unfit_head_or_one_of_another_vocabulary_is_refused_at_engine_start(t
     _head_with_meta(tmp_path / "other.safetensors", vocab=50)
     with pytest.raises(ValueError, match="vocabulary of 50 tokens; this model has 100"):
         engine_settings(_vllm_config(tmp_path / "other.safetensors"), torch.device("cpu"))
+
+
+def test_a_report_made_in_the_schedulers_process_applies_the_heads_defaults():
+    # Out-of-process workers send state and plan rows to the scheduler, which has no head. The
+    # request gives only cost_of_time; the head's default exit token 7 is what closes thinking.
+    # A report rebuilt without the defaults would not see the model's own 7 as a think end.
+    import pickle
+
+    from vllm import SamplingParams as VllmSamplingParams
+
+    from haltkit.params import SamplingParams, pack_requests
+    from haltkit.reference.termination import pack_plan, plan_step
+    from haltkit.state import DecodeState
+    from haltkit.vllm.report import StepRows, report_from_rows
+
+    defaults = {"exit_tokens": (7,), "patience": 3}
+    params = VllmSamplingParams(max_tokens=16, extra_args={"cost_of_time": 0.5})
+    policy = exit_policy_from_args(params.extra_args, params.max_tokens, (), defaults)
+    req = pack_requests(SamplingParams(), [policy], 10)
+    state = DecodeState.new(1)
+    plan = pack_plan(plan_step(torch.tensor([1.0]), req, state, torch.tensor([False])))
+    rows = torch.cat([torch.stack(state.tensors(), 1), plan], 1)[0].tolist()
+    sent = pickle.loads(pickle.dumps(StepRows({"r": rows}, defaults)))  # as the worker's output travels
+    assert sent.defaults == defaults and sent["r"] == rows
+
+    report = report_from_rows(params, sent["r"], [7], sent.defaults)
+    assert report == {"think_tokens": 0, "answer_tokens": 1, "think_end": "model", "finish": None}
+    assert report_from_rows(params, rows, [7])["think_end"] is None  # what the defaults fix

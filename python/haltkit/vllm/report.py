@@ -91,12 +91,22 @@ def haltkit_report(params, output_token_ids) -> dict | None:
 
 
 class StepRows(dict):
-    """req_id -> a request's state and plan rows, attached to a worker's ``ModelRunnerOutput``.
+    """req_id -> a request's state and plan rows, attached to a worker's ``ModelRunnerOutput``,
+    with the processor's head defaults (:func:`haltkit.vllm.head_defaults`) in ``defaults``:
+    the scheduler's process has no head, and a report built without them would miss, e.g., a
+    last token that is the head's exit token.
 
     A class of this module rather than a plain dict on purpose: unpickling it in the engine
     core's process imports this module there, which installs the scheduler hook (nothing else
     of haltkit's is loaded in that process).
     """
+
+    def __init__(self, rows: dict, defaults: dict | None = None) -> None:
+        super().__init__(rows)
+        self.defaults = dict(defaults or {})
+
+    def __reduce__(self):
+        return StepRows, (dict(self), self.defaults)
 
 
 def rows_of(processor) -> dict[int, list[int]]:
@@ -109,15 +119,19 @@ def rows_of(processor) -> dict[int, list[int]]:
     return dict(zip(slots, rows.tolist()))
 
 
-def report_from_rows(params, rows: list[int] | dict, output_token_ids) -> dict | None:
+def report_from_rows(params, rows: list[int] | dict, output_token_ids, defaults: dict | None = None) -> dict | None:
     """The report from rows sent by :func:`rows_of` (a list: the V1 processor's state then plan)
     or by :meth:`haltkit.vllm.spec_v1.DraftRows.rows` (a dict: ``n_seen`` and one such list per
-    draft depth), made host side in the scheduler's process."""
+    draft depth), made host side in the scheduler's process.
+
+    ``defaults`` are the engine's head defaults (``StepRows.defaults``), applied as the
+    processor applied them when it admitted the request (:func:`haltkit.vllm.processor.request_policy`).
+    """
     from .processor import _stop_ids
     from . import exit_policy_from_args
     from ..params import SamplingParams, pack_requests
 
-    policy = exit_policy_from_args(params.extra_args, params.max_tokens, _stop_ids(params))
+    policy = exit_policy_from_args(params.extra_args, params.max_tokens, _stop_ids(params), defaults or None)
     if policy is None or not output_token_ids:
         return None
     token = int(output_token_ids[-1])
@@ -187,7 +201,8 @@ def install_report_hooks() -> None:
                         rows = rows_of(proc) if draft is None else draft.rows()
                         if rows:
                             ids = self.input_batch.req_ids
-                            out.haltkit_rows = StepRows({ids[i]: r for i, r in rows.items() if i < len(ids)})
+                            out.haltkit_rows = StepRows({ids[i]: r for i, r in rows.items() if i < len(ids)},
+                                                        getattr(proc, "defaults", None))
             return out
 
         sample_tokens._haltkit = True
@@ -199,17 +214,18 @@ def install_report_hooks() -> None:
         def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
             rows = getattr(model_runner_output, "haltkit_rows", None)
             if rows:
-                self.__dict__.setdefault("_haltkit_rows", {}).update(rows)
+                defaults = getattr(rows, "defaults", None)
+                self.__dict__.setdefault("_haltkit_rows", {}).update((k, (r, defaults)) for k, r in rows.items())
             return update(self, scheduler_output, model_runner_output, *args, **kwargs)
 
         def _free_request(self, request, *args, **kwargs):
             kv, ec = free(self, request, *args, **kwargs)
             params = request.sampling_params
-            rows = self.__dict__.get("_haltkit_rows", {}).pop(request.request_id, None)
+            rows, defaults = self.__dict__.get("_haltkit_rows", {}).pop(request.request_id, (None, None))
             if params is not None and params.extra_args:
                 rep = haltkit_report(params, request.output_token_ids)
                 if rep is None and rows is not None:
-                    rep = report_from_rows(params, rows, request.output_token_ids)
+                    rep = report_from_rows(params, rows, request.output_token_ids, defaults)
                 if rep is not None:
                     kv = {**(kv or {}), REPORT_KEY: rep}
             return kv, ec
