@@ -1,6 +1,11 @@
 // The host launchers' row machinery (decode_step_cpu.cpp, verify_step_cpu.cpp): the row logic of
 // csrc/include/haltkit in vectorisable loops over one row at a time, on one thread.
 //
+// Vector paths: AVX-512, or AVX2 + FMA (HK_AVX2) where AVX-512 is missing, for the exps of
+// masses, the greedy scan, the kept mass and the head's dot products; AVX2 also for the first
+// pass of filtered rows and the candidate gather (AVX-512 builds take the portable loops there);
+// portable loops otherwise (tests/cpu_rows_check.cpp checks each ISA's against plain loops).
+//
 // A row takes a few passes, all but the first over data already in this core's L2:
 //   1. read the logits once: row check and max (greedy rows: also the argmax and softmax mass);
 //   2. z = (x - max) / t into a per-thread buffer;
@@ -19,6 +24,14 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+// AVX2 + FMA paths (machines without AVX-512, e.g. Zen 2/3): where AVX-512 has a fast path, AVX2
+// has one too, unless AVX-512 is there; otherwise the portable loops (HALTKIT_CPU_FLAGS=-march=x86-64
+// builds them, and tests/cpu_rows_check.cpp runs both).
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define HK_AVX2 1
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -113,6 +126,49 @@ inline float exp_total(float d) {
   return p * bits_float(static_cast<uint32_t>(n + 127) << 23);
 }
 
+#if defined(HK_AVX2)
+// exp(d) for d <= 0 in 8 lanes, for masses and totals (exp_total's contract, FMA allowed): 2^t for
+// t = d log2 e, as 2^n times exp_total's degree-5 polynomial in f = t - n (constant term 1, so
+// exp(0) is exactly 1), 2^n added into the float's exponent field as an integer. Underflow guard:
+// t is clamped at -125 (NaN and -inf included: maxps returns its second operand then), so n >= -125
+// and the product stays a normal float; a term below 2^-125 comes out under 2^-124 instead of
+// (nearly) 0, which a total of at least 1 (the max's own term) never sees. Error: within
+// 3e-7 relative of 2^f, plus |d| * 9e-8 relative from rounding t (float d * log2 e), the
+// same as exp_total and exp16_mass (tests/cpu_rows_check.cpp measures it against std::exp).
+inline __m256 exp8(__m256 d) {
+  const __m256 t = _mm256_max_ps(_mm256_mul_ps(d, _mm256_set1_ps(kLog2e)), _mm256_set1_ps(-125.0f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.32764e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.67551e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.2402212f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69314697f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The lanes i < n of 8 (0 <= n <= 8) as a mask for maskload.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
 // sum of exp(z_j) over j < n with z_j >= tau.
 inline float kept_mass_sum(const float* z, int64_t n, float tau) {
   float acc = 0.0f;
@@ -126,6 +182,14 @@ inline float kept_mass_sum(const float* z, int64_t n, float tau) {
     vacc = _mm512_mask_add_ps(vacc, kept, vacc, exp16_mass(zj));
   }
   acc = _mm512_reduce_add_ps(vacc);
+#elif defined(HK_AVX2)
+  __m256 vacc = _mm256_setzero_ps();
+  const __m256 vtau = _mm256_set1_ps(tau);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 zj = _mm256_loadu_ps(z + j);
+    vacc = _mm256_add_ps(vacc, _mm256_and_ps(_mm256_cmp_ps(zj, vtau, _CMP_GE_OQ), exp8(zj)));
+  }
+  acc = hsum8(vacc);
 #endif
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = j; i < n; ++i) acc += z[i] >= tau ? exp_f(z[i]) : 0.0f;
@@ -326,11 +390,18 @@ void top_k_by_chunk_bound(const float* z, int64_t V, const Filter& f, Scratch& s
   }
 }
 
+// Whether top-k is taken from the chunk-maximum bound (k well below the number of chunks, the
+// partial last chunk counted) rather than by a select over the whole row: the one predicate of
+// kept_threshold and direct_row, so both paths of a row agree on it.
+inline bool small_top_k(const Filter& f, int64_t V) {
+  return f.top_k_on && f.top_k * 4 <= (V + kChunk - 1) / kChunk;
+}
+
 // max(tau_k, tau_p, tau_m): the kept set is z >= tau (see filter_threshold in the reference).
 // `row_mass`: the softmax mass of the whole row when already known (rows without top-k).
 float kept_threshold(const float* z, int64_t V, const Filter& f, Scratch& s, const double* row_mass = nullptr) {
   float tau_k = -kInf, tau_p = -kInf;
-  if (f.top_k_on && f.top_k * 4 <= V / kChunk) {
+  if (small_top_k(f, V)) {
     top_k_by_chunk_bound(z, V, f, s, &tau_k, &tau_p);
   } else {
     if (f.top_k_on) tau_k = top_k_by_radix(z, V, f.top_k, s);
@@ -461,9 +532,84 @@ inline GreedyScan greedy_scan_f32(const float* x, int64_t V) {
 }
 #endif
 
+#if defined(HK_AVX2)
+// The fp32 greedy scan in AVX2: greedy_scan_f32 of AVX-512 with its 16 lanes in two 8-lane halves
+// (lane l < 8 of the first, l - 8 of the second), so the lanes combine the same way.
+inline GreedyScan greedy_scan_f32(const float* x, int64_t V) {
+  constexpr int64_t kPrefetchBytes = 1024;
+  const __m256 vinf = _mm256_set1_ps(kInf);
+  __m256 vmax0 = _mm256_set1_ps(-kInf), vmax1 = vmax0, vacc0 = _mm256_setzero_ps(), vacc1 = vacc0;
+  __m256i varg0 = _mm256_setzero_si256(), varg1 = varg0;
+  // The lanes' masses move to double every kFlush logits, so a float lane sums at most 64 terms.
+  constexpr int64_t kFlush = 1024;
+  __m256d vd[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  const int64_t vec_end = V & ~int64_t{15};
+  for (int64_t j = 0; j < vec_end; j += 16) {
+    if (j % kFlush == 0 && j > 0) {
+      vd[0] = _mm256_add_pd(vd[0], _mm256_cvtps_pd(_mm256_castps256_ps128(vacc0)));
+      vd[1] = _mm256_add_pd(vd[1], _mm256_cvtps_pd(_mm256_extractf128_ps(vacc0, 1)));
+      vd[2] = _mm256_add_pd(vd[2], _mm256_cvtps_pd(_mm256_castps256_ps128(vacc1)));
+      vd[3] = _mm256_add_pd(vd[3], _mm256_cvtps_pd(_mm256_extractf128_ps(vacc1, 1)));
+      vacc0 = vacc1 = _mm256_setzero_ps();
+    }
+    _mm_prefetch(reinterpret_cast<const char*>(x + j) + kPrefetchBytes, _MM_HINT_T0);
+    __m256 v0 = _mm256_loadu_ps(x + j), v1 = _mm256_loadu_ps(x + j + 8);
+    // "Not <=" is also true for NaN: a NaN takes the rare branch, where it counts as +inf.
+    const __m256 up0 = _mm256_cmp_ps(v0, vmax0, _CMP_NLE_UQ), up1 = _mm256_cmp_ps(v1, vmax1, _CMP_NLE_UQ);
+    if (_mm256_movemask_ps(_mm256_or_ps(up0, up1))) {
+      v0 = _mm256_blendv_ps(v0, vinf, _mm256_cmp_ps(v0, v0, _CMP_UNORD_Q));
+      v1 = _mm256_blendv_ps(v1, vinf, _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q));
+      const __m256 grown0 = _mm256_max_ps(vmax0, v0), grown1 = _mm256_max_ps(vmax1, v1);
+      // Lanes that did not grow multiply by exp8(0) = 1 exactly.
+      const __m256 r0 = exp8(_mm256_sub_ps(vmax0, grown0)), r1 = exp8(_mm256_sub_ps(vmax1, grown1));
+      vacc0 = _mm256_mul_ps(vacc0, r0);
+      vacc1 = _mm256_mul_ps(vacc1, r1);
+      vd[0] = _mm256_mul_pd(vd[0], _mm256_cvtps_pd(_mm256_castps256_ps128(r0)));
+      vd[1] = _mm256_mul_pd(vd[1], _mm256_cvtps_pd(_mm256_extractf128_ps(r0, 1)));
+      vd[2] = _mm256_mul_pd(vd[2], _mm256_cvtps_pd(_mm256_castps256_ps128(r1)));
+      vd[3] = _mm256_mul_pd(vd[3], _mm256_cvtps_pd(_mm256_extractf128_ps(r1, 1)));
+      vmax0 = grown0;
+      vmax1 = grown1;
+      const __m256i vj = _mm256_set1_epi32(static_cast<int>(j));
+      varg0 = _mm256_blendv_epi8(varg0, vj, _mm256_castps_si256(up0));
+      varg1 = _mm256_blendv_epi8(varg1, vj, _mm256_castps_si256(up1));
+    }
+    vacc0 = _mm256_add_ps(vacc0, exp8(_mm256_sub_ps(v0, vmax0)));
+    vacc1 = _mm256_add_ps(vacc1, exp8(_mm256_sub_ps(v1, vmax1)));
+  }
+  alignas(32) float lmax[16], lf[16];
+  alignas(32) double lacc[16];
+  alignas(32) int32_t larg[16];
+  _mm256_store_ps(lmax, vmax0);
+  _mm256_store_ps(lmax + 8, vmax1);
+  _mm256_store_ps(lf, vacc0);
+  _mm256_store_ps(lf + 8, vacc1);
+  for (int q = 0; q < 4; ++q) _mm256_store_pd(lacc + 4 * q, vd[q]);
+  for (int l = 0; l < 16; ++l) lacc[l] += static_cast<double>(lf[l]);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(larg), varg0);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(larg + 8), varg1);
+  float m = -kInf;
+  for (int l = 0; l < 16; ++l) m = checked_max(m, lmax[l]);
+  for (int64_t j = vec_end; j < V; ++j) m = checked_max(m, x[j]);
+  GreedyScan g{RowScan{m, max_is_bad(m)}, -1, 0.0};
+  if (g.scan.bad) return g;
+  for (int l = 0; l < 16; ++l) {
+    if (lmax[l] == -kInf) continue;
+    g.mass += lacc[l] * static_cast<double>(exp_f(lmax[l] - m));
+    const int64_t i = static_cast<int64_t>(larg[l]) + l;
+    if (lmax[l] == m && (g.token < 0 || i < g.token)) g.token = i;
+  }
+  for (int64_t j = vec_end; j < V; ++j) {
+    g.mass += static_cast<double>(exp_f(x[j] - m));
+    if (x[j] == m && g.token < 0) g.token = j;
+  }
+  return g;
+}
+#endif
+
 template <int DT>
 GreedyScan greedy_scan(const void* row, int64_t V) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(HK_AVX2)
   if constexpr (DT == kFloat32) return greedy_scan_f32(static_cast<const float*>(row), V);
 #endif
   constexpr int64_t kSpan = 256;  // logits per online-softmax update, read again from L1
@@ -528,6 +674,38 @@ __attribute__((noinline)) void dot_block(const float* x, int64_t xs, const float
   }
 #pragma GCC unroll 16
   for (int i = 0; i < R * U; ++i) out[i] = _mm512_reduce_add_ps(acc[i / U][i % U]);
+#elif defined(HK_AVX2)
+  // Two weight rows at a time (R * 2 accumulators, 2 weight vectors and an x vector fit the 16
+  // registers); each out[i * U + u] is summed alike whatever R and U are, so a row's value does
+  // not depend on the block it falls in.
+  for (int u0 = 0; u0 < U; u0 += 2) {
+    constexpr int kU = U < 2 ? U : 2;
+    __m256 acc[R][kU];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * kU; ++i) acc[i / kU][i % kU] = _mm256_setzero_ps();
+    const float* wu = w + u0 * ws;
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+      __m256 wv[kU];
+#pragma GCC unroll 2
+      for (int u = 0; u < kU; ++u) wv[u] = _mm256_loadu_ps(wu + u * ws + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x + i * xs + k);
+#pragma GCC unroll 2
+        for (int u = 0; u < kU; ++u) acc[i][u] = _mm256_fmadd_ps(xv, wv[u], acc[i][u]);
+      }
+    }
+    if (k < n) {
+      const __m256i m = lanes_below(n - k);
+      for (int i = 0; i < R; ++i) {
+        const __m256 xv = _mm256_maskload_ps(x + i * xs + k, m);
+        for (int u = 0; u < kU; ++u) acc[i][u] = _mm256_fmadd_ps(xv, _mm256_maskload_ps(wu + u * ws + k, m), acc[i][u]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int u = 0; u < kU; ++u) out[i * U + u0 + u] = hsum8(acc[i][u]);
+  }
 #else
   for (int i = 0; i < R; ++i) {
     for (int u = 0; u < U; ++u) {
@@ -657,14 +835,14 @@ int64_t speculative_choice(const float* z, int64_t V, float tau, float log_mass,
 //      that every kept token clears, computing z = (x - max) / t on the fly: the candidates;
 //   3. the thresholds, the kept set's mass and the Gumbel-max draw on the candidates only, in
 //      index order, Philox words made per candidate.
-// The bound: top-k, the k-th largest chunk maximum (k chunks reach it, so k tokens do: tau_k is
-// at least that); top-p over the whole row, log((1 - top_p) * S / V) for S the mass of the
-// chunk maxima, a lower bound on the total (the tokens below it hold less than (1 - top_p) of
-// the total, as in top_p_by_radix). Rows whose candidates are too many for this to pay (flat
-// rows), a large top-k, and speculative positions take the general path (fill_z and the rest).
+// The bound (chunk_max_bound: the chunk maxima bucketed by z, no sort): top-k, a z that k chunk
+// maxima reach (so k tokens do: tau_k is at least that); top-p over the whole row, a z that the
+// chunk maxima above it already give the target mass (so tau_p is at least that), or else
+// log((1 - top_p) * total / V) (the tokens below it hold less than (1 - top_p) of the total, as
+// in top_p_by_radix). Rows whose candidates are too many for this to pay (flat rows), a large
+// top-k, and speculative positions take the general path (fill_z and the rest).
 constexpr size_t kMaxCandidates = 32768;     // past this the general path is cheaper
 constexpr size_t kSortedCandidates = 1024;   // top-p candidates sorted up to this many, else radix-selected
-constexpr size_t kPivotChunks = 256;         // chunk maxima tried as the top-p pivot
 
 struct Candidates {
   std::vector<int64_t> idx;  // token ids, ascending (buffers never shrink; n are in use)
@@ -698,6 +876,44 @@ RowScan scan_chunks(const void* row, int64_t V, Scratch& s, float t = 1.0f, doub
   double sum = 0.0;
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t base = c * kChunk, n = std::min(kChunk, V - base);
+#if defined(HK_AVX2)
+    if (DT == kFloat32 && n == kChunk) {  // the chunk in 8 registers, read once
+      const float* xc = static_cast<const float*>(row) + base;
+      __m256 v[8];
+      for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_ps(xc + 8 * k);
+      // maxps drops NaNs, so they are looked for apart (checked_max counts a NaN as +inf).
+      const __m256 nan = _mm256_or_ps(
+          _mm256_or_ps(_mm256_cmp_ps(v[0], v[1], _CMP_UNORD_Q), _mm256_cmp_ps(v[2], v[3], _CMP_UNORD_Q)),
+          _mm256_or_ps(_mm256_cmp_ps(v[4], v[5], _CMP_UNORD_Q), _mm256_cmp_ps(v[6], v[7], _CMP_UNORD_Q)));
+      const __m256 vm = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+                                      _mm256_max_ps(_mm256_max_ps(v[4], v[5]), _mm256_max_ps(v[6], v[7])));
+      const float cm = _mm256_movemask_ps(nan) ? kInf : hmax8(vm);
+      s.vals[static_cast<size_t>(c)] = cm;
+      if (total == nullptr) {
+        m = checked_max(m, cm);
+        continue;
+      }
+      if (cm > m) {
+        if (m > -kInf) sum *= std::exp((static_cast<double>(m) - static_cast<double>(cm)) * inv_t);
+        m = cm;
+      }
+      if (max_is_bad(m)) continue;
+      // The 64 terms summed in float in 8 lanes of 8 (each lane within 2e-7 relative), then in double.
+      // The chunk again from L1 (holding it in registers would spill the exps' constants).
+      const __m256 vmf = _mm256_set1_ps(m), vit = _mm256_set1_ps(inv_tf);
+      __m256 ea = _mm256_setzero_ps(), eb = ea;
+      for (int k = 0; k < 8; k += 2) {
+        ea = _mm256_add_ps(ea, exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8 * k), vmf), vit)));
+        eb = _mm256_add_ps(eb, exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8 * k + 8), vmf), vit)));
+      }
+      const __m256 es = _mm256_add_ps(ea, eb);
+      const __m256d ed = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(es)),
+                                       _mm256_cvtps_pd(_mm256_extractf128_ps(es, 1)));
+      const __m128d eh = _mm_add_pd(_mm256_castpd256_pd128(ed), _mm256_extractf128_pd(ed, 1));
+      sum += _mm_cvtsd_f64(_mm_add_sd(eh, _mm_unpackhi_pd(eh, eh)));
+      continue;
+    }
+#endif
     float cm = -kInf;
 #pragma omp simd reduction(max : cm)
     for (int64_t j = 0; j < n; ++j) cm = checked_max(cm, ld<DT>(row, base + j));
@@ -739,9 +955,33 @@ bool gather_candidates(const void* row, int64_t V, float m, float t, float bound
   int64_t* idx = c.idx.data();
   float* zc = c.z.data();
   size_t count = 0;
+#if defined(HK_AVX2)
+  // A raw-logit pre-test, x >= xb with xb a little below m + bound * t, skips the groups of 8 with
+  // no candidate; the tokens it passes are tested on their z, computed as the reference does.
+  const double xbd = static_cast<double>(m) + static_cast<double>(bound) * static_cast<double>(t);
+  const __m256 vxb = _mm256_set1_ps(static_cast<float>(xbd - (std::fabs(xbd) + std::fabs(static_cast<double>(m))) * 1e-6));
+#endif
   for (int64_t ch = 0, base = 0; base < V; ++ch, base += kChunk) {
     const int64_t n = std::min(kChunk, V - base);
     if ((s.vals[static_cast<size_t>(ch)] - m) / t < bound) continue;  // the chunk's max z
+#if defined(HK_AVX2)
+    if (DT == kFloat32 && n == kChunk) {
+      const float* xc = static_cast<const float*>(row) + base;
+      for (int64_t g = 0; g < kChunk; g += 8) {
+        unsigned hit = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xc + g), vxb, _CMP_GE_OQ)));
+        while (hit) {
+          const int64_t j = g + __builtin_ctz(hit);
+          hit &= hit - 1;
+          const float zj = (xc[j] - m) / t;
+          idx[count] = base + j;
+          zc[count] = zj;
+          count += zj >= bound ? 1 : 0;
+        }
+      }
+      if (count > kMaxCandidates) return false;
+      continue;
+    }
+#endif
     float z[kChunk];
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) z[j] = (ld<DT>(row, base + j) - m) / t;
@@ -767,9 +1007,45 @@ inline float top_p_over_sorted(const std::vector<float>& vals, size_t n, float t
   return -kInf;
 }
 
-// Whether direct_row takes top-k from the chunk-maximum bound (k well below the number of chunks).
-inline bool direct_small_k(const Filter& f, int64_t V) {
-  return f.top_k_on && f.top_k * 4 <= (V + kChunk - 1) / kChunk;
+// A lower bound on the kept set's z from the chunk maxima s.vals (z_c = (max_c - m) / t), without
+// sorting them: the chunk maxima go into buckets of z of width 1/4 (z in (-64, 0], one more bucket
+// for the rest), which are walked down from 0 to the first where the chunk maxima so far reach
+// `need` in count (kByMass false: k chunks reach the bucket's lower edge, so k tokens do and
+// tau_k is at least that) or `target` in exp mass (kByMass true: the tokens at or above the edge
+// hold at least as much, so tau_p is at least that). The edge is lowered by 1e-3 against rounding;
+// -inf when no bucket of z > -64 does. Any lower bound is exact (direct_row checks that the kept
+// set lies above it); a tighter one only gathers fewer candidates.
+template <bool kByMass>
+float chunk_max_bound(Scratch& s, float m, float t, int64_t need, float target) {
+  constexpr int kBuckets = 256;  // of width 1/4; bucket kBuckets holds the rest
+  const int64_t chunks = static_cast<int64_t>(s.vals.size());
+  std::fill(s.count, s.count + kBuckets + 1, 0u);
+  if (kByMass) std::fill(s.mass, s.mass + kBuckets + 1, 0.0);
+  for (int64_t base = 0; base < chunks; base += kChunk) {
+    const int64_t n = std::min(kChunk, chunks - base);
+    const float* v = s.vals.data() + base;
+    int32_t bucket[kChunk];
+    float e[kChunk];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = (v[j] - m) / t;
+      const float q = -4.0f * z;
+      bucket[j] = q < static_cast<float>(kBuckets) ? static_cast<int32_t>(q) : kBuckets;  // NaN: the rest
+      if (kByMass) e[j] = exp_f(z);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (kByMass) s.mass[bucket[j]] += static_cast<double>(e[j]);
+      if (!kByMass) s.count[bucket[j]] += 1;
+    }
+  }
+  double cum = 0.0;
+  int64_t count = 0;
+  for (int b = 0; b < kBuckets; ++b) {
+    if (kByMass) cum += s.mass[b];
+    if (!kByMass) count += s.count[b];
+    if (kByMass ? mass_reaches(cum, target) : count >= need) return -0.25f * static_cast<float>(b + 1) - 1e-3f;
+  }
+  return -kInf;
 }
 
 struct DirectRow {
@@ -784,40 +1060,30 @@ template <int DT>
 DirectRow direct_row(const void* row, int64_t V, float m, float t, double row_mass, const Filter& f, bool draw,
                      uint64_t seed, uint32_t step, Scratch& s) {
   DirectRow out{false, -kInf, Draw{-1, 0.0}};
-  const bool small_k = direct_small_k(f, V);
+  const bool small_k = small_top_k(f, V);
   if (f.top_k_on && !small_k) return out;
   Candidates& c = candidates();
   float bound;
   double total = 0.0;
   std::vector<float>& sorted = s.z;  // scratch for the sorted candidate values
   if (small_k) {
-    sorted.assign(s.vals.begin(), s.vals.end());
-    std::nth_element(sorted.begin(), sorted.begin() + (f.top_k - 1), sorted.end(), std::greater<float>());
-    bound = (sorted[static_cast<size_t>(f.top_k - 1)] - m) / t;
+    // k chunks reach the bucket edge (chunk_max_bound), so k tokens do: tau_k is at least that.
+    bound = chunk_max_bound<false>(s, m, t, f.top_k, 0.0f);
+    if (!(bound > -kInf)) {  // the k-th chunk maximum lies below z = -64 (a peaked or cold row): select it
+      sorted.assign(s.vals.begin(), s.vals.end());
+      std::nth_element(sorted.begin(), sorted.begin() + (f.top_k - 1), sorted.end(), std::greater<float>());
+      bound = (sorted[static_cast<size_t>(f.top_k - 1)] - m) / t;
+    }
     if (!gather_candidates<DT>(row, V, m, t, bound, s, c)) return out;
   } else {
     total = row_mass;
-    const float target = top_p_target(total, f.top_p);
-    // The pivot: the largest chunk maximum v whose chunk maxima at or above it already hold the
-    // target mass. The tokens with z >= v hold at least as much, so tau_p >= v (lowered by 1e-3
-    // against rounding). Peaked rows find it among their top chunk maxima; otherwise the bound
-    // of top_p_by_radix: log((1 - top_p) * total / V).
-    double b = std::log((1.0 - static_cast<double>(f.top_p)) * total / static_cast<double>(V)) - 1e-3;
-    const size_t top = std::min<size_t>(s.vals.size(), kPivotChunks);
-    sorted.resize(s.vals.size());
-    std::transform(s.vals.begin(), s.vals.end(), sorted.begin(), [&](float x) { return (x - m) / t; });
-    const auto mid = sorted.begin() + static_cast<std::ptrdiff_t>(top);
-    std::nth_element(sorted.begin(), mid - 1, sorted.end(), std::greater<float>());
-    std::sort(sorted.begin(), mid, std::greater<float>());
-    double cum = 0.0;
-    for (size_t j = 0; j < top; ++j) {
-      cum += static_cast<double>(exp_f(sorted[j]));
-      if (mass_reaches(cum, target)) {
-        b = std::max(b, static_cast<double>(sorted[j]) - 1e-3);
-        break;
-      }
-    }
-    bound = static_cast<float>(std::max(b, static_cast<double>(f.tau_m)));
+    // The pivot: a bucket edge v where the chunk maxima at or above it already hold the target
+    // mass (chunk_max_bound): the tokens with z >= v hold at least as much, so tau_p >= v. Peaked
+    // rows find it near their top; otherwise the bound of top_p_by_radix: log((1 - top_p) *
+    // total / V).
+    const double b = std::log((1.0 - static_cast<double>(f.top_p)) * total / static_cast<double>(V)) - 1e-3;
+    const float pivot = chunk_max_bound<true>(s, m, t, 0, top_p_target(total, f.top_p));
+    bound = static_cast<float>(std::max(std::max(b, static_cast<double>(pivot)), static_cast<double>(f.tau_m)));
     if (!(bound > -kInf)) return out;
     if (!gather_candidates<DT>(row, V, m, t, bound, s, c)) return out;
   }

@@ -243,6 +243,80 @@ def test_top_p_total_counts_every_chunk_wherever_the_row_max_lies(backend):
             torch.testing.assert_close(got.logprobs.cpu(), ref.logprobs, rtol=1e-5, atol=1e-5, msg=(what, filt))
 
 
+def test_flat_rows_and_the_small_top_k_boundary_match_the_reference():
+    """Rows the candidate path declines (flat: near-uniform logits at a high temperature over 40000
+    tokens, a large top-k) take the general path; at V = 449 (seven chunks of 64 and one token) top_k = 2 sits on
+    the chunk-bound limit (4 k = ceil(V / 64), where both paths must take the chunk bound) with the
+    row max in the lone tail token: decode_step (candidate path) and rejection verify_step at drafted
+    positions (general path) against the reference."""
+    _device("cpu")
+    B = 16
+    gen = torch.Generator().manual_seed(17)
+    flat = torch.randn(B, 40000, generator=gen) * 0.05  # more candidates than the candidate path takes
+    tail = torch.randn(B, 449, generator=gen) * 3.0
+    tail[:, -1] = tail.max(1).values + 0.5
+    rows = [("flat top_p", flat, dict(temperature=2.0, top_p=0.9)),
+            ("flat top_p min_p", flat, dict(temperature=4.0, top_p=0.5, min_p=0.5)),
+            ("large top_k", flat * 40, dict(temperature=1.0, top_k=1000, top_p=0.95)),
+            ("top_k at the chunk bound", tail, dict(temperature=0.9, top_k=2)),
+            ("top_k at the chunk bound, top_p", tail, dict(temperature=0.9, top_k=2, top_p=0.6))]
+    for what, x, filt in rows:
+        V = x.shape[1]
+        req = pack_requests([SamplingParams(seed=s, **filt) for s in range(B)], ExitPolicy(), V)
+        ref = reference_step(x, None, req, DecodeState.new(B), None)
+        got = haltkit.decode_step(x, None, req, DecodeState.new(B), None, backend="cpu")
+        for b in torch.nonzero(ref.tokens != got.tokens).flatten().tolist():
+            assert nv.float_tie(x, req, DecodeState.new(B), b, (int(ref.tokens[b]), int(got.tokens[b]))), (what, b)
+        assert int((ref.tokens != got.tokens).sum()) <= 1, what
+        torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5, msg=what)
+        if V != 449:
+            continue
+        # Drafted positions: the general path (kept_threshold, then the residual draw).
+        K = 2
+        logits = torch.stack([x, x.roll(7, 1), x.roll(-3, 1)], 1)
+        drafts = torch.stack([x.argmax(1), torch.randint(V, (B,), generator=gen)], 1)
+        lens = torch.full((B,), K, dtype=torch.int32)
+        q = torch.ones(B, K)
+        runs = {bk: haltkit.verify_step(logits, None, drafts, lens, req, DecodeState.new(B), None, q, "rejection", bk)
+                for bk in ("torch", "cpu")}
+        assert torch.equal(runs["cpu"].tokens, runs["torch"].tokens), what
+        assert torch.equal(runs["cpu"].num_accepted, runs["torch"].num_accepted), what
+        torch.testing.assert_close(runs["cpu"].logprobs, runs["torch"].logprobs, rtol=1e-5, atol=1e-5,
+                                   equal_nan=True, msg=what)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the check builds x86-64 variants with g++")
+def test_cpu_row_machinery_matches_plain_loops(tmp_path):
+    """tests/cpu_rows_check.cpp (csrc/cpu_rows.h's vector paths against plain loops: the AVX2 exp
+    within its stated bound down to underflow, the greedy scan, chunk maxima and the top-p total,
+    the candidate gather at vector and chunk tails, the kept mass, the head's dot blocks), built
+    for this host's ISA (its AVX2 or AVX-512 paths) and for plain x86-64 (the portable loops)."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not on PATH")
+    flags = _cpu_flags()
+    native = "avx512" if "avx512f" in flags else ("avx2" if {"avx2", "fma"} <= flags else "portable")
+    for isa, want in (("native", native), ("x86-64", "portable")):
+        exe = tmp_path / f"cpu_rows_check_{isa}"
+        build = subprocess.run([gxx, "-std=c++17", "-O1", f"-march={isa}", "-ffp-contract=off", "-fno-trapping-math",
+                                "-fno-math-errno", "-fopenmp", "-Wall", "-Wextra", "-Werror", f"-I{ROOT}/csrc",
+                                f"-I{ROOT}/csrc/include", f"{ROOT}/tests/cpu_rows_check.cpp", "-o", str(exe)],
+                               capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr[-3000:]
+        run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert run.stdout.split()[-2:] == ["ok", want], run.stdout[-300:]
+
+
 # --- outputs and state ---------------------------------------------------------------------------
 
 
