@@ -241,6 +241,9 @@ def test_cost_policy_leaves_the_output_unchanged(sampling, monkeypatch):
     model = tiny("llama")
     # Probes every MIN_GAP steps, so that model drafts draft within a short call.
     monkeypatch.setattr(DraftLengthPolicy, "PROBE_BUDGET", 1.0)
+    # And prompt lookup drafts on a shadow pass or two (the tiny random model seldom copies for long).
+    monkeypatch.setattr(DraftLengthPolicy, "SHADOW_FIXED_PRIOR", 0.0)
+    monkeypatch.setattr(DraftLengthPolicy, "SHADOW_TOKEN_PRIOR", 0.0)
     # Rows that repeat themselves (prompt lookup finds its drafts) and ragged ones.
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10], [3, 4, 3, 4, 3], [8]]
     kw = dict(exit=ExitPolicy(max_new_tokens=14), sampling=None if sampling == "greedy" else sampled(4))
@@ -254,3 +257,75 @@ def test_cost_policy_leaves_the_output_unchanged(sampling, monkeypatch):
     ragged = ragged_prompts(3)
     assert haltkit.generate(model, ragged, draft="layer:1", exit=ExitPolicy(max_new_tokens=9)).tokens == \
         haltkit.generate(model, ragged, exit=ExitPolicy(max_new_tokens=9)).tokens
+
+
+def test_shadow_policy_at_batch_one_waits_for_copying_not_a_chat_answers_first_words():
+    """A chat answer's first words often come from its prompt (two passes, then failures with the
+    odd pass): at one row a wider forward costs ~0.6 of a step before any token is saved, so that
+    must not start drafting; copying (every check passes) drafts K from its fourth check."""
+    chat = [True, True, False, False, False, False, True, False, False, False, True, False] * 3
+    policy = DraftLengthPolicy(4, 1, torch.device("cpu"), compile=False, shadow=True)
+    assert sum(w[0] for w in drive(policy, lambda step: [chat[step]], len(chat))) == 0
+    policy = DraftLengthPolicy(4, 1, torch.device("cpu"), compile=False, shadow=True)
+    drafted = [w[0] for w in drive(policy, always(True), 8)]
+    assert drafted == [0] * P_.WARMUP + [4] * (8 - P_.WARMUP), drafted
+
+
+def test_shadow_policy_resumes_when_a_chat_row_starts_copying():
+    policy = DraftLengthPolicy(4, 1, torch.device("cpu"), compile=False, shadow=True)
+    chat = [False, False, True, False, False, False, False, True, False, False] * 4
+    stream = lambda step: [chat[step] if step < len(chat) else True]  # noqa: E731
+    drafted = [w[0] for w in drive(policy, stream, len(chat) + 12)]
+    assert sum(drafted[: len(chat)]) == 0, drafted
+    assert min(drafted[-4:]) > 0 and drafted[-3:] == [4] * 3, drafted[len(chat):]
+
+
+def _set_rows(policy: DraftLengthPolicy, accepted: list[float], rejected: list[float]) -> None:
+    policy.accepted, policy.rejected = torch.tensor(accepted), torch.tensor(rejected)
+    policy.seen = torch.full((len(accepted),), 10.0)
+
+
+def test_rows_that_do_not_draft_pay_the_wider_step_without_its_gain():
+    """One copying row (acceptance 0.87) among three that would not draft on their own (0.3):
+    widening all four rows' step by 20% a token for the one row's gain does not pay; alone, it does."""
+    policy = DraftLengthPolicy(4, 4, torch.device("cpu"), compile=False, shadow=True)
+    policy.T = {w: 1.0 + 0.2 * w for w in range(5)}
+    _set_rows(policy, [9.0, 3.0, 3.0, 3.0], [0.0, 7.0, 7.0, 7.0])
+    assert policy.lengths(torch.zeros(4, dtype=torch.bool)).tolist() == [0, 0, 0, 0]
+    _set_rows(policy, [9.0, 9.0, 3.0, 3.0], [0.0, 0.0, 7.0, 7.0])  # two copying rows: it pays
+    assert policy.lengths(torch.zeros(4, dtype=torch.bool)).tolist() == [4, 4, 0, 0]
+    alone = DraftLengthPolicy(4, 1, torch.device("cpu"), compile=False, shadow=True)
+    alone.T = dict(policy.T)
+    _set_rows(alone, [9.0], [0.0])
+    assert alone.lengths(torch.zeros(1, dtype=torch.bool)).tolist() == [4]
+
+
+def test_backed_off_shadow_policy_decides_on_the_host_until_a_check_passes():
+    """On a CPU, a step after which no shadow check passed leaves the decision (no draft) as it
+    was, without a device op; a pass makes it decide again, and a copying row then drafts."""
+    policy = DraftLengthPolicy(4, 2, torch.device("cpu"), compile=False, shadow=True)
+    policy.T = {0: 1.0}
+    _set_rows(policy, [9.0, 0.0], [0.0, 5.0])
+    policy.tick(0)
+    policy.observe(torch.ones(2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool))
+    finished = torch.zeros(2, dtype=torch.bool)
+    with OpCounter() as c:
+        k = policy.lengths(finished)
+    assert k.tolist() == [0, 0] and not c.ops, c.ops
+    policy.observe(torch.ones(2, dtype=torch.int64), torch.tensor([True, False]))
+    with OpCounter() as c:
+        k = policy.lengths(finished)
+    assert k[0] > 0 and k[1] == 0 and c.ops, k
+
+
+def test_backed_off_prompt_lookup_step_is_the_plain_step_and_a_few_ops():
+    """Prompt lookup backed off (nothing it would draft passes): no verification, the plain
+    step's operators, plus its shadow check (a few ops over the row, whatever the n-gram size)."""
+    model = tiny("llama")
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    source = PromptLookup(max_len=4, max_ngram=3, adaptive="cost")
+    extra = step_ops(model, prompts, source, 4, 9) - step_ops(model, prompts, None, 4, 9)
+    assert not any("verify" in op for op in extra), extra
+    # The per-step budget (5 steps): the lookup, its check against the emitted token, the
+    # acceptance counts. The decision itself is taken on the host while no check passes.
+    assert sum(extra.values()) <= 5 * 50, (sum(extra.values()) / 5, extra)

@@ -92,15 +92,23 @@ class DraftLengthPolicy:
     verified positions. An unmeasured width between measured ones is interpolated linearly; past
     the widest measured one ``wm`` it is extrapolated with the measured cost per drafted token
     ``(T(wm) - T(0)) / wm`` (draft plus verification, per token), before any drafting step is
-    measured with a prior: 0.25 of a plain step per token for a model draft, 0.15 for prompt
-    lookup (verification only; a shadow pass or two must not start drafting on chat). Each sequence keeps an estimate
+    measured with a prior of 0.25 of a plain step per token for a model draft. Prompt lookup drafts
+    for free, and what its steps pay is the wider verification forward, whose cost is concave in
+    the width (on a CPU at batch 1 a second position turns matrix-vector products into matrix
+    products: T(1) = 1.6 T(0), T(4) = 1.9 T(0) on SmolLM2-135M); its prior is 0.15 of a plain
+    step per token plus, for a lone row, 0.5 of one; a wider unmeasured width costs a measured one
+    plus 0.15 per token (or the measured average, if smaller), a narrower one at most the measured
+    one (see :meth:`_shadow_cost`). So a row starts drafting on its shadow checks alone only when
+    they pass most of the time (copying), not on a chat answer's first words taken from its
+    prompt. Each sequence keeps an estimate
     ``a_b`` of the chance that a drafted token is accepted (accepted and rejected counts decayed by
     0.9 per observation, prior 0.3 of weight 2, so that a row that never passes settles at 0.05):
     a draft of ``w`` tokens then yields
     ``E_b(w) = 1 + a_b + ... + a_b^w`` tokens a step. Every row pays the step, so the batch drafts
-    at ``w* = argmax_w sum_b E_b(w) / T(w)``, a width above 0 only when it beats the plain step by
-    10% (the clock of a busy machine is that noisy). A sequence drafts ``w*`` tokens when its own best width
-    is positive, else none; when no sequence drafts, the step is a plain decode step.
+    at ``w* = argmax_w sum_b G_b(w) / T(w)``, a width above 0 only when it beats the plain step by
+    10% (the clock of a busy machine is that noisy). A sequence drafts ``w*`` tokens when its own
+    best width is positive (then ``G_b(w) = E_b(w)``), else none (``G_b(w) = 1``: it pays the wider
+    step for one token); when no sequence drafts, the step is a plain decode step.
 
     Backing off costs nothing. Sources whose drafts cost a forward (``shadow=False``) learn only
     by drafting: once a step is plain and nothing new was observed, the next length is decided on
@@ -110,7 +118,8 @@ class DraftLengthPolicy:
     plain step before one is measured), ``gap`` doubling (up to 64) after every probe that does
     not turn drafting on and reset to 1 when drafting pays. Sources that draft cheaply
     (``shadow=True``, prompt lookup) are checked at every plain step instead: the would-be first
-    draft token against the emitted one, so a row starts drafting as soon as it starts copying.
+    draft token against the emitted one, so a row starts drafting as soon as it starts copying;
+    on a CPU the next length is decided on the host alone after a step where no check passed.
 
     Args:
         max_len: K, the longest draft.
@@ -122,7 +131,8 @@ class DraftLengthPolicy:
 
     PRIOR, PRIOR_WEIGHT, DECAY = 0.3, 2.0, 0.9
     MARGIN, EXPLORE_MARGIN, WARMUP = 1.1, 1.1, 3
-    PROBE_BUDGET, PROBE_PRIOR, SHADOW_TOKEN_PRIOR, MAX_GAP, MIN_GAP = 0.02, 0.25, 0.15, 64, 4
+    PROBE_BUDGET, PROBE_PRIOR, MAX_GAP, MIN_GAP = 0.02, 0.25, 64, 4
+    SHADOW_FIXED_PRIOR, SHADOW_TOKEN_PRIOR = 0.5, 0.15
 
     def __init__(self, max_len: int, batch: int, device: torch.device, compile: bool, shadow: bool) -> None:
         self.K, self.shadow = max_len, shadow
@@ -154,6 +164,10 @@ class DraftLengthPolicy:
         self.full = 0  # decisions taken on the device (the rest were host-only)
         self._fresh = False  # observations since the last decision on the device
         self._probe = 0  # 1: a probe was issued, 2: it runs (its outcome shows at the next tick)
+        # A CPU tensor is read on the host for free (no device to wait for): a shadow source then
+        # learns at every step whether any of its checks passed, and skips the decision when none did.
+        self._host_reads = torch.device(device).type == "cpu"
+        self._passed = True  # some check passed at the last observation (unknown off a CPU: True)
 
     def select_rows(self, idx: torch.Tensor) -> None:
         """Follow the engine's compaction: keep rows ``idx`` ([n] int64), in that order."""
@@ -194,6 +208,8 @@ class DraftLengthPolicy:
         known = sorted(self.T)
         below = [m for m in known if m < w]
         above = [m for m in known if m > w]
+        if self.shadow and 0 in self.T:
+            return self._shadow_cost(w, below[-1], above[0] if above else None), False
         if below and above:
             lo, hi = below[-1], above[0]
             return self.T[lo] + (self.T[hi] - self.T[lo]) * (w - lo) / (hi - lo), False
@@ -206,6 +222,28 @@ class DraftLengthPolicy:
         if above:
             return self.T[above[0]], False
         return 1.0, False
+
+    def _shadow_cost(self, w: int, lo: int, hi: int | None) -> float:
+        """An unmeasured width's cost for a source that drafts for free (only the wider verification
+        forward costs), between the measured widths ``lo`` < w < ``hi`` (None: none wider).
+
+        A wider forward's cost is concave in its width: on a CPU a batch of one row turns every
+        weight's matrix-vector product into a matrix product at its first extra position (T(1) =
+        1.6 T(0) for SmolLM2-135M, T(4) = 1.9 T(0); at 4 rows T(1) = 1.07 T(0), T(4) = 1.6 T(0)).
+        So the prior is 0.15 of a plain step per token plus, for a lone row, 0.5 of one, and a
+        measured width bounds its neighbours: a wider one costs at least as much (plus the per-token
+        prior, or the measured average per token if that is smaller), a narrower one at most as much."""
+        T0 = self.T[0]
+        fixed = self.SHADOW_FIXED_PRIOR if self.accepted.shape[0] == 1 else 0.0  # only a lone row leaves them
+        prior = T0 * (1.0 + fixed + self.token_prior * w)
+        if hi is not None:
+            if lo > 0:  # between two measured drafting widths: linear
+                return self.T[lo] + (self.T[hi] - self.T[lo]) * (w - lo) / (hi - lo)
+            return min(prior, self.T[hi])
+        if lo == 0:
+            return prior
+        per_token = min(self.token_prior * T0, max(self.T[lo] - T0, 0.0) / lo)
+        return self.T[lo] + per_token * (w - lo)
 
     def base_gap(self) -> int:
         """Plain steps between probes (before doubling): a probe's extra cost over the budget."""
@@ -223,13 +261,19 @@ class DraftLengthPolicy:
         self.rejected = self.rejected * f + (a < drafted).to(torch.float32)
         self.seen += on
         self._fresh = True
+        if self.shadow and self._host_reads:
+            self._passed = bool(accepted.any())
 
     def lengths(self, finished: torch.Tensor) -> torch.Tensor:
         """[P] int64 draft lengths for the next step (0: do not draft), on the device; the batch's
         width is their maximum. ``finished``: [P] bool, the rows that stopped decoding.
 
-        Host-only (no device work) while a non-shadow source is backed off and no probe is due."""
+        Host-only (no device work) while a non-shadow source is backed off and no probe is due,
+        and on a CPU while a shadow source is backed off and none of its last checks passed (a row's
+        acceptance estimate rises only on a pass, so the last decision, no draft, stands)."""
         if 0 not in self.T:  # the plain step's cost first: every rate is relative to it
+            return self._zeros
+        if self.shadow and self.width == 0 and not self._passed:
             return self._zeros
         if not self.shadow and not self._fresh and self.width == 0:
             if self.plain < self.gap * self.base_gap():
@@ -251,13 +295,16 @@ class DraftLengthPolicy:
             if not self.shadow and i > 0 and w > widest and self.widths[i - 1] not in self.T:
                 m = math.inf
             denom.append(c * m)
-        rate = gain / torch.tensor(denom, dtype=torch.float32, device=gain.device)  # [P, n]
+        den = torch.tensor(denom, dtype=torch.float32, device=gain.device)
+        rate = gain / den  # [P, n]
         ready = ~finished
         if self.shadow:
             ready = ready & (self.seen >= self.WARMUP)
-        total = (rate * ready[:, None]).sum(0)
-        k = torch.where(ready & (rate.argmax(1) > 0), self._ws[total.argmax()], 0)
-        return k
+        # The rows that draft at a positive width (those whose own best width is positive) gain
+        # E_b(w); every other running row pays the wider step for its one token.
+        drafts = ready & (rate.argmax(1) > 0)
+        total = torch.where(drafts[:, None], gain, (~finished)[:, None].to(gain.dtype)).sum(0) / den
+        return torch.where(drafts, self._ws[total.argmax()], 0)
 
 
 def _policy(source, batch: int, device: torch.device, compile: bool, shadow: bool) -> DraftLengthPolicy | None:
@@ -520,24 +567,20 @@ class PromptLookup:
         """(tokens [P, k], lens [P] int32, None): point-mass drafts (probs are ones if asked)."""
         seq, L = ctx.seq, ctx.length
         P, W = seq.shape
-        dev = seq.device
+        n, dev = self.max_ngram, seq.device
+        # win[b, j, i] = seq[b, j - n + 1 + i]: the n tokens ending at j (-1 before position 0).
+        win = torch.nn.functional.pad(seq, (n - 1, 0), value=-1).unfold(1, n, 1)  # [P, W, n]
+        suffix = win.gather(1, L.view(P, 1, 1).expand(P, 1, n))  # [P, 1, n]: those ending at the pending token
+        # run[b, j]: the length of the match counted back from j and L (at most n). A -1 is never
+        # reached by a match: j < L hits position -1 while L's suffix still holds a real token. A
+        # few ops over the row, whatever n: prompt lookup is checked at every plain step.
+        run = (win == suffix).flip(2).cumprod(2).sum(2)  # [P, W]
         j = torch.arange(W, device=dev)
-        # back[:, i] = seq[L - i]: the row's last tokens, the pending one first.
-        back = seq.gather(1, (L[:, None] - torch.arange(self.max_ngram, device=dev)).clamp(min=0))
-        # e[b, j]: the last i + 1 tokens occur ending at j < L (so that a known token follows);
-        # count[b, j]: the longest such match (up to max_ngram). One pass per n-gram size, each
-        # a compare over the row: prompt lookup is checked at every plain step, so it must be cheap.
-        e = (seq == back[:, :1]) & (j < L[:, None])
-        count = e.to(torch.int64)
-        for i in range(1, min(self.max_ngram, W)):
-            e[:, i - 1] = False
-            e[:, i:] &= seq[:, : W - i] == back[:, i : i + 1]
-            count += e
-        # The longest match wins, then the latest: its continuation starts right after it.
-        key = torch.where(count >= self.min_ngram, count * W + j, -1).max(1).values
-        cont = torch.where(key >= 0, key % W + 1, -1)
-        lens = torch.where(cont >= 0, (L + 1 - cont).clamp(max=k), 0).to(torch.int32)
-        tokens = seq.gather(1, (cont.clamp(min=0)[:, None] + torch.arange(k, device=dev)).clamp(max=W - 1))
+        # The longest match wins, then the latest (ending at j < L, so that a known token follows).
+        key = torch.where((run >= self.min_ngram) & (j < L[:, None]), run * W + j, -1).amax(1)
+        cont = key % W + 1  # where the copied continuation starts
+        lens = torch.where(key >= 0, (L + 1 - cont).clamp(max=k), 0).to(torch.int32)
+        tokens = seq.gather(1, (cont[:, None] + torch.arange(k, device=dev)).clamp(max=W - 1))
         probs = torch.ones(P, k, device=dev) if ctx.want_probs else None
         return tokens, lens, probs
 
