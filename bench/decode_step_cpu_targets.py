@@ -14,8 +14,11 @@ the native code itself takes), in the modes greedy, top_p and top_k
   The bandwidth of a sum over a 256 MiB buffer is reported beside it.
 
 Targets (issue 5): top_p and top_k >= 10x eager and faster than compiled; greedy <= 1.5x the read
-floor. Measured at each thread count of ``--threads`` (default 1 and 2, this machine's cores).
-Writes ``bench/results/decode_step_cpu_targets.{json,md}``.
+floor; (issue 17) top_p and top_k <= 2x the read floor with 2 threads. The vector path the native
+module was built for (``avx512``, ``avx2`` or ``portable``, from the host's flags: it is built with
+-march=native) is recorded, since it moves these ratios by 2x. Measured at each thread count of
+``--threads`` (default 1 and 2, this machine's cores). Writes
+``bench/results/decode_step_cpu_targets.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,42 @@ from haltkit.reference.decode_step import decode_step as reference_decode_step
 
 MODES = {**bench.MODES, "top_k": dict(temperature=0.8, top_k=50)}
 B, V = 64, 151936
+TARGETS = {"greedy": 1.5, "top_p": 2.0, "top_k": 2.0}  # cpu / read floor (issues 5 and 17)
+
+
+def vector_path() -> str:
+    """The vector path of csrc/cpu_rows.h a -march=native build takes on this host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    return "avx512" if "avx512f" in flags else ("avx2" if {"avx2", "fma"} <= flags else "portable")
+
+
+def plot(res: dict, path: Path) -> None:
+    """cpu / read floor per mode and thread count, with the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    threads = sorted({r["threads"] for r in res["rows"]})
+    width = 0.8 / len(threads)
+    for i, t in enumerate(threads):
+        rows = [r for r in res["rows"] if r["threads"] == t]
+        xs = [list(MODES).index(r["mode"]) + i * width for r in rows]
+        ax.bar(xs, [r["cpu_over_read_floor"] for r in rows], width, label=f"{t} thread(s)")
+    for j, mode in enumerate(MODES):
+        ax.hlines(TARGETS[mode], j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(MODES))], list(MODES))
+    ax.set_ylabel("haltkit.decode_step (cpu) / read floor")
+    ax.set_title(f"B = {B}, V = {V}, fp32; {res['vector_path']} path; dashed: targets")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def measure(threads: int, reps: int, budget: float, compiled, gen: torch.Generator) -> tuple[dict, list[dict]]:
@@ -90,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         bw, r = measure(threads, args.reps, args.budget, compiled, gen)
         bandwidths.append(bw)
         rows += r
-    res = {"machine": machine_info(torch.device("cpu")), "B": B, "V": V, "dtype": "fp32", "modes": MODES,
-           "bandwidths": bandwidths, "d_model": bench.D_MODEL, "head_width": bench.HEAD_WIDTH, "rows": rows}
+    res = {"machine": machine_info(torch.device("cpu")), "vector_path": vector_path(), "B": B, "V": V,
+           "dtype": "fp32", "modes": MODES, "targets_over_read_floor": TARGETS, "bandwidths": bandwidths,
+           "d_model": bench.D_MODEL, "head_width": bench.HEAD_WIDTH, "rows": rows}
     m = res["machine"]
     bw_text = "; ".join(f"{b['threads']} thread(s): copy {b['copy_bandwidth_GBps']:.1f} GB/s, read "
                         f"{b['read_bandwidth_GBps']:.1f} GB/s" for b in bandwidths)
@@ -99,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "# decode_step: native CPU backend at the issue-5 target point",
         "",
         f"B = {B}, V = {V}, fp32 logits; {m['processor'] or 'cpu'} ({m['cpus']} cpus), torch {m['torch']}, "
-        f"load average {m['load_average'][0]:.1f} at the end. Every contender and both floors of a row use the "
+        f"load average {m['load_average'][0]:.1f} at the end; native vector path: {res['vector_path']}. Every contender and both floors of a row use the "
         f"row's thread count. Bandwidths measured in the run: {bw_text}. "
         "Median ms after warm-up, contenders interleaved; eager = bench/eager.py's chain, compiled = "
         "torch.compile of the reference. Value head: MLP d = 4096, width 64.",
@@ -115,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['cpu_vs_compiled']:.1f}x | {r['cpu_over_floor']:.2f} | {r['cpu_over_read_floor']:.2f} | "
                      f"{r['kernel_over_read_floor']:.2f} |")
     lines += ["", "floor = decode_step.py's (all bytes that must move, at copy bandwidth); read floor = a torch sum "
-              "over the same logits, timed interleaved with the contenders (the issue's greedy target: <= 1.5). cpu = `haltkit.decode_step` "
+              "over the same logits, timed interleaved with the contenders (targets: greedy <= 1.5, top_p and top_k <= 2). "
+              "cpu = `haltkit.decode_step` "
               "(validation included); cpu_kernel = the backend called directly, so cpu - cpu_kernel is the "
               "boundary's validation."]
     js, md = write_results(args.out, "decode_step_cpu_targets", res, "\n".join(lines) + "\n")
-    print(f"wrote {js} and {md}")
+    png = args.out / "decode_step_cpu_targets.png"
+    plot(res, png)
+    print(f"wrote {js}, {md} and {png}")
     return 0
 
 

@@ -135,8 +135,9 @@ inline float exp_total(float d) {
 // (nearly) 0, which a total of at least 1 (the max's own term) never sees. Error: within
 // 3e-7 relative of 2^f, plus |d| * 9e-8 relative from rounding t (float d * log2 e), the
 // same as exp_total and exp16_mass (tests/cpu_rows_check.cpp measures it against std::exp).
-inline __m256 exp8(__m256 d) {
-  const __m256 t = _mm256_max_ps(_mm256_mul_ps(d, _mm256_set1_ps(kLog2e)), _mm256_set1_ps(-125.0f));
+// exp2_8(t) = 2^t for t <= 0, the same way (t = d log2 e given).
+inline __m256 exp2_8(__m256 t) {
+  t = _mm256_max_ps(t, _mm256_set1_ps(-125.0f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
   __m256 p = _mm256_set1_ps(1.32764e-3f);
@@ -148,6 +149,7 @@ inline __m256 exp8(__m256 d) {
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
+inline __m256 exp8(__m256 d) { return exp2_8(_mm256_mul_ps(d, _mm256_set1_ps(kLog2e))); }
 
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -217,7 +219,24 @@ void fill_z(const void* row, int64_t V, float m, float t, float* z) {
 
 // --- radix select ---------------------------------------------------------------------------
 
-// The order keys of the tokens with z >= floor, into `out` (vector compress with AVX-512).
+#if defined(HK_AVX2)
+// For each 8-bit lane mask, the lanes set in it, in order (then zeros): AVX2's stand-in for a
+// compress, as a permutation of 8 lanes.
+struct CompressLut {
+  alignas(32) uint32_t lanes[256][8];
+  constexpr CompressLut() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l)
+        if ((m >> l) & 1) lanes[m][n++] = static_cast<uint32_t>(l);
+    }
+  }
+};
+constexpr CompressLut kCompressLut{};
+#endif
+
+// The order keys of the tokens with z >= floor, into `out` (vector compress with AVX-512; a
+// permutation from a table with AVX2).
 inline void gather_keys(const float* z, int64_t V, float floor, std::vector<uint32_t>& out) {
   out.resize(static_cast<size_t>(V) + 16);  // room for a full vector store past the last key
   uint32_t* dst = out.data();
@@ -233,6 +252,17 @@ inline void gather_keys(const float* z, int64_t V, float floor, std::vector<uint
     const __m512i key = _mm512_maskz_compress_epi32(hit, _mm512_and_si512(_mm512_castps_si512(zi), vabs));
     _mm512_storeu_si512(dst + n, key);
     n += static_cast<size_t>(__builtin_popcount(hit));
+  }
+#elif defined(HK_AVX2)
+  const __m256 vfloor = _mm256_set1_ps(floor);
+  const __m256i vabs = _mm256_set1_epi32(0x7fffffff);
+  for (; i + 8 <= V; i += 8) {
+    const __m256 zi = _mm256_loadu_ps(z + i);
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(zi, vfloor, _CMP_GE_OQ));
+    const __m256i key = _mm256_and_si256(_mm256_castps_si256(zi), vabs);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressLut.lanes[hit]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n), _mm256_permutevar8x32_epi32(key, perm));
+    n += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(hit)));
   }
 #endif
   for (; i < V; ++i)
@@ -688,10 +718,14 @@ __attribute__((noinline)) void dot_block(const float* x, int64_t xs, const float
     for (; k + 8 <= n; k += 8) {
       __m256 wv[kU];
 #pragma GCC unroll 2
-      for (int u = 0; u < kU; ++u) wv[u] = _mm256_loadu_ps(wu + u * ws + k);
+      for (int u = 0; u < kU; ++u) {
+        wv[u] = _mm256_loadu_ps(wu + u * ws + k);
+        asm("" : "+x"(wv[u]));  // in registers: g++ would fold the loads into every FMA, a load each
+      }
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
-        const __m256 xv = _mm256_loadu_ps(x + i * xs + k);
+        __m256 xv = _mm256_loadu_ps(x + i * xs + k);
+        asm("" : "+x"(xv));
 #pragma GCC unroll 2
         for (int u = 0; u < kU; ++u) acc[i][u] = _mm256_fmadd_ps(xv, wv[u], acc[i][u]);
       }
@@ -748,11 +782,13 @@ void head_values(const DecodeStepArgs& a, const void* const* hidden, const int32
     xi[d] = feature_log1p(n[i]);
     xi[d + 1] = feature_fraction(n[i], budget[i]);
   }
-  for (int i0 = 0; i0 < count;) {
-    const int rb = count - i0 >= 4 ? 4 : (count - i0 >= 2 ? 2 : 1);
-    for (int64_t r0 = 0; r0 < R;) {
+  // Weight rows outside, hidden rows inside: a block of 4 weight rows is read from memory once
+  // per call and stays in L1 while the count hidden rows (in L2) pass it.
+  for (int64_t r0 = 0; r0 < R;) {
+    const int ub = R - r0 >= 4 ? 4 : 1;
+    for (int i0 = 0; i0 < count;) {
       float part[16];
-      const int ub = R - r0 >= 4 ? 4 : 1;
+      const int rb = count - i0 >= 4 ? 4 : (count - i0 >= 2 ? 2 : 1);
       const float* xb = x + i0 * xs;
       const float* wb = w1 + r0 * w;
       if (rb == 4 && ub == 4) dot_block<4, 4>(xb, xs, wb, w, w, part);
@@ -763,9 +799,9 @@ void head_values(const DecodeStepArgs& a, const void* const* hidden, const int32
       if (rb == 1 && ub == 1) dot_block<1, 1>(xb, xs, wb, w, w, part);
       for (int i = 0; i < rb; ++i)
         for (int u = 0; u < ub; ++u) pre[(i0 + i) * R + r0 + u] = part[i * ub + u];
-      r0 += ub;
+      i0 += rb;
     }
-    i0 += rb;
+    r0 += ub;
   }
   for (int i = 0; i < count; ++i) {
     float v = 0.0f;
@@ -900,11 +936,13 @@ RowScan scan_chunks(const void* row, int64_t V, Scratch& s, float t = 1.0f, doub
       if (max_is_bad(m)) continue;
       // The 64 terms summed in float in 8 lanes of 8 (each lane within 2e-7 relative), then in double.
       // The chunk again from L1 (holding it in registers would spill the exps' constants).
-      const __m256 vmf = _mm256_set1_ps(m), vit = _mm256_set1_ps(inv_tf);
+      // One multiply by log2(e) / t: exp2_8's argument rounds once more than exp_total's, which
+      // the |d| * 9e-8 of its bound already allows for.
+      const __m256 vmf = _mm256_set1_ps(m), vit = _mm256_set1_ps(inv_tf * kLog2e);
       __m256 ea = _mm256_setzero_ps(), eb = ea;
       for (int k = 0; k < 8; k += 2) {
-        ea = _mm256_add_ps(ea, exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8 * k), vmf), vit)));
-        eb = _mm256_add_ps(eb, exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8 * k + 8), vmf), vit)));
+        ea = _mm256_add_ps(ea, exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8 * k), vmf), vit)));
+        eb = _mm256_add_ps(eb, exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8 * k + 8), vmf), vit)));
       }
       const __m256 es = _mm256_add_ps(ea, eb);
       const __m256d ed = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(es)),

@@ -109,6 +109,15 @@ void check_gather(const std::vector<float>& x, float t, float bound, const char*
       return fail(what, fmt("candidate %g: token %g, want %g", double(j), double(c.idx[j]), double(idx[j])));
 }
 
+// gather_keys: the order keys of the tokens with z >= floor, in index order.
+void check_gather_keys(const std::vector<float>& z, float floor, const char* what) {
+  std::vector<uint32_t> want, got;
+  for (float v : z)
+    if (v >= floor) want.push_back(order_key(v));
+  gather_keys(z.data(), static_cast<int64_t>(z.size()), floor, got);
+  if (got != want) fail(what, fmt("%g keys, want %g (V %g)", double(got.size()), double(want.size()), double(z.size())));
+}
+
 // kept_mass_sum over each chunk of 64, as mass_and_draw calls it: the sum of exp(z) over z >= tau
 // within 1e-6 relative.
 void check_kept_mass(const std::vector<float>& z, float tau, const char* what) {
@@ -174,6 +183,7 @@ int main() {
     for (int64_t i = 0; i < V; ++i) z[i] = -std::fabs(x[i]);
     check_kept_mass(z, -2.0f, "kept_mass random");
     check_kept_mass(z, -kInf, "kept_mass all");
+    for (float floor : {-kInf, -8.0f, -2.0f, 0.0f}) check_gather_keys(z, floor, "gather_keys");
     for (int64_t i = 0; i < V; i += 3) z[i] = -2.0f;  // tokens exactly at the threshold are kept
     check_kept_mass(z, -2.0f, "kept_mass ties");
     // The max in the last token (in the tail after the last full vector/chunk), and tied maxima.
